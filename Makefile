@@ -1,0 +1,27 @@
+# Set-up, demo and tests. Every target installs what it needs first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WHEELS := .wheels
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml tools/build_learn2learn.sh
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else \
+	  f"metasgd-lightning needs Python >= 3.11; {sys.executable} is {v[0]}.{v[1]}. Run: make install PYTHON=python3.11")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	bash tools/build_learn2learn.sh $(BIN)/python $(WHEELS)
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e '.[test]'
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/metasgd fit --config configs/sine_5shot.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(WHEELS) runs

@@ -1,0 +1,130 @@
+"""Sine-wave regression tasks, the few-shot regression protocol of MAML and Meta-SGD."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .sampling import TaskIndexSampler, task_generator
+
+__all__ = ["SineDataModule", "SineTasks"]
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"SineDataModule `{name}` must be a positive integer; got {value!r}.")
+    return value
+
+
+def _check_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(v) for v in value)
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"SineDataModule `{name}` must be a finite (low, high) pair with low <= high; got {value!r}.")
+    return low, high
+
+
+class SineTasks(Dataset):
+    """Sine tasks y = A sin(x - φ): item ``i`` is task ``i`` of ``split``, a pure function of ``(seed, split, i)``.
+
+    Each item is ``(support_x, support_y, query_x, query_y)`` with shapes ``[shots, 1]`` and ``[queries, 1]``.
+    """
+
+    def __init__(self, split: str, length: int, shots: int, queries: int, seed: int,
+                 amplitude: tuple[float, float], phase: tuple[float, float], x_range: tuple[float, float]) -> None:
+        self.split, self.length, self.shots, self.queries, self.seed = split, length, shots, queries, seed
+        self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        g = task_generator(self.seed, self.split, index)
+        a_low, a_high = self.amplitude
+        p_low, p_high = self.phase
+        x_low, x_high = self.x_range
+        amplitude = a_low + (a_high - a_low) * torch.rand((), generator=g)
+        phase = p_low + (p_high - p_low) * torch.rand((), generator=g)
+        x = x_low + (x_high - x_low) * torch.rand(self.shots + self.queries, 1, generator=g)
+        y = amplitude * torch.sin(x - phase)
+        return x[: self.shots], y[: self.shots], x[self.shots :], y[self.shots :]
+
+
+class SineDataModule(L.LightningDataModule):
+    """Few-shot sine regression (Finn et al. 2017; Li et al. 2017).
+
+    Each task is y = A sin(x − φ) with A ~ U[0.1, 5.0] and φ ~ U[0, π]; inputs x ~ U[−5, 5]. A task
+    gives ``shots`` support points to adapt on and ``queries`` query points to score. Training tasks are
+    a pure function of ``(seed, task index)`` and each epoch meets new ones; validation and test use
+    fixed task sets, identical on every run. ``meta_batch_size`` tasks make one batch per device.
+
+    Args:
+        shots: support points per task (K of K-shot).
+        queries: query points per task.
+        meta_batch_size: tasks per meta-batch (per device).
+        train_tasks_per_epoch: training tasks in one epoch (epoch length = this / meta_batch_size steps).
+        val_tasks: size of the fixed validation task set.
+        test_tasks: size of the fixed test task set (600 in the literature's protocol).
+        amplitude: range of A.
+        phase: range of φ.
+        x_range: range of x.
+        seed: seed of every task stream.
+        num_workers: DataLoader worker processes.
+
+    Example:
+        >>> dm = SineDataModule(shots=5, meta_batch_size=4)
+        >>> dm.setup("fit")
+        >>> [t.shape for t in next(iter(dm.train_dataloader()))]
+        [torch.Size([4, 5, 1]), torch.Size([4, 5, 1]), torch.Size([4, 10, 1]), torch.Size([4, 10, 1])]
+    """
+
+    task = "regression"
+
+    def __init__(
+        self,
+        shots: int = 5,
+        queries: int = 10,
+        meta_batch_size: int = 25,
+        train_tasks_per_epoch: int = 10_000,
+        val_tasks: int = 200,
+        test_tasks: int = 600,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        for name in ("shots", "queries", "meta_batch_size", "train_tasks_per_epoch", "val_tasks", "test_tasks"):
+            _check_positive_int(name, locals()[name])
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"SineDataModule `num_workers` must be an integer >= 0; got {num_workers!r}.")
+        self.save_hyperparameters()
+        self.shots, self.queries, self.meta_batch_size = shots, queries, meta_batch_size
+        self.train_tasks_per_epoch, self.val_tasks, self.test_tasks = train_tasks_per_epoch, val_tasks, test_tasks
+        self.ranges = dict(amplitude=_check_range("amplitude", amplitude), phase=_check_range("phase", phase),
+                           x_range=_check_range("x_range", x_range))
+        self.seed, self.num_workers = seed, num_workers
+
+    def tasks(self, split: str, length: int) -> SineTasks:
+        """The task set of ``split`` (``"train"``, ``"val"`` or ``"test"``) with ``length`` tasks."""
+        return SineTasks(split, length, self.shots, self.queries, self.seed, **self.ranges)
+
+    def _loader(self, split: str, length: int, sampler=None) -> DataLoader:
+        return DataLoader(self.tasks(split, length), batch_size=self.meta_batch_size, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.train_tasks_per_epoch, TaskIndexSampler(self.train_tasks_per_epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_tasks)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.test_tasks)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.test_tasks)

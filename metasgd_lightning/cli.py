@@ -1,0 +1,84 @@
+"""The ``metasgd`` command: a LightningCLI over :class:`MetaSGDLightningModule` and the data modules.
+
+    metasgd fit --config configs/sine_5shot.yaml
+    metasgd fit --config configs/sine_5shot.yaml --ckpt_path last     # resume
+    metasgd test --config configs/sine_5shot.yaml --ckpt_path runs/sine_5shot/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+import datamodules  # noqa: F401  (registers the data modules for `--data`)
+
+from ._quiet import silence_lightning_noise
+from .callbacks import MetaSGDCheckpoint
+from .module import MetaSGDLightningModule
+
+__all__ = ["MetaSGDCLI", "main"]
+
+
+class MetaSGDCLI(LightningCLI):
+    """LightningCLI with Meta-SGD's defaults: gradients at evaluation, last and best checkpoints."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data module knows whether its tasks are classification or regression.
+        parser.link_arguments("data.task", "model.task", apply_on="instantiate")
+        parser.add_lightning_class_args(MetaSGDCheckpoint, "checkpoint")
+
+    def after_fit(self) -> None:
+        _print_summary(self.trainer, "fit")
+
+    def after_validate(self) -> None:
+        _print_summary(self.trainer, "validate")
+
+    def after_test(self) -> None:
+        _print_summary(self.trainer, "test")
+
+
+@rank_zero_only
+def _print_summary(trainer, stage: str) -> None:
+    module = trainer.lightning_module
+    prefix = "test" if stage == "test" else "val"
+    lines = []
+    for name in module.metric_names:
+        key = f"{prefix}/{name}"
+        if key in trainer.callback_metrics:
+            value, ci = float(trainer.callback_metrics[key]), trainer.callback_metrics.get(f"{key}_ci95")
+            ci_text = f" ± {float(ci):.4f} (95% CI over tasks)" if ci is not None else ""
+            label = {"fit": "Final validation", "validate": "Validation", "test": "Test"}[stage]
+            lines.append(f"{label} {name}: {value:.4f}{ci_text}")
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "log_dir", None):
+        log_dir = Path(logger.log_dir)
+        lines.append(f"TensorBoard logs: {log_dir}")
+    checkpoint = trainer.checkpoint_callback
+    if stage == "fit" and checkpoint is not None and checkpoint.dirpath:
+        lines.append(f"Checkpoints: {checkpoint.dirpath} (last.ckpt; best: {Path(checkpoint.best_model_path).name or 'none yet'})")
+    if logger is not None and getattr(logger, "save_dir", None):
+        lines.append(f"Watch them: tensorboard --logdir {os.path.relpath(logger.save_dir)}")
+    print("\n".join(lines), flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``metasgd`` console script and ``python -m metasgd_lightning``."""
+    silence_lightning_noise()
+    MetaSGDCLI(
+        MetaSGDLightningModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        # Meta-SGD adapts with gradients at validation and test too.
+        trainer_defaults={"inference_mode": False},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,241 @@
+"""The training recipe: Meta-SGD as a LightningModule with manual optimisation.
+
+Each batch is a meta-batch of tasks ``(support_x, support_y, query_x, query_y)`` with a leading task
+dimension. A training step adapts every task on its support set (the inner loop), averages the query
+losses of the adapted weights (the meta-loss), backpropagates into θ and α, and steps the optimiser.
+Validation and test adapt the same way, so they need gradients: the Trainer must run with
+``inference_mode=False`` (the configs and the ``metasgd`` CLI set it).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from .metasgd import MetaSGD, TaskBatchResult, Vectorize, check_task_batch
+from .metrics import TaskMeanCI, task_accuracy
+
+__all__ = ["MetaSGDLightningModule"]
+
+Task = Literal["classification", "regression"]
+STAGES = ("train", "val", "test")
+
+
+def _regression_loss(output: Tensor, target: Tensor) -> Tensor:
+    if output.shape != target.shape:
+        raise ValueError(
+            f"Regression outputs and targets must have the same shape; the model gave {tuple(output.shape)} "
+            f"for targets of shape {tuple(target.shape)}. Match the model's `out_features` to the targets."
+        )
+    return F.mse_loss(output, target)
+
+
+class MetaSGDLightningModule(L.LightningModule):
+    """Meta-SGD (or MAML with ``learn_lr=False``) trained episodically with Lightning.
+
+    Args:
+        model: the network to meta-learn (e.g. :class:`~metasgd_lightning.models.ConvNet4`).
+        task: ``"classification"`` (cross-entropy; integer labels) or ``"regression"`` (MSE).
+        init_lr: initial inner-loop rate α: a float, or a ``(low, high)`` uniform range.
+        inner_steps: inner-loop steps in training.
+        first_order: drop second-order terms of the meta-gradient (α still learns).
+        learn_lr: ``False`` gives MAML with the fixed scalar rate ``init_lr``.
+        eval_inner_steps: inner-loop steps at validation, test and prediction (default: ``inner_steps``).
+        vectorize: ``"vmap"`` adapts the tasks of a meta-batch at once, ``"loop"`` one by one,
+            ``"auto"`` uses vmap on GPUs and the loop on CPUs.
+        gradient_clip_val: clip the meta-gradient to this total norm (``None``: no clipping).
+        optimizer: the meta-optimiser over θ and α (Adam with lr 1e-3 by default).
+        lr_scheduler: an optional scheduler of the meta learning rate, stepped after every training
+            step (``ReduceLROnPlateau`` after every validation, on the monitored metric).
+
+    Reference:
+        Li, Zhou, Chen and Li (2017). Meta-SGD: Learning to Learn Quickly for Few-Shot Learning.
+
+    Example:
+        >>> from metasgd_lightning.models import SineMLP
+        >>> from datamodules import SineDataModule
+        >>> module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1))
+        >>> trainer = L.Trainer(max_steps=2, inference_mode=False, logger=False,
+        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, SineDataModule(meta_batch_size=4, val_tasks=8))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task = "classification",
+        init_lr: float | tuple[float, float] = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        learn_lr: bool = True,
+        eval_inner_steps: int | None = None,
+        vectorize: Vectorize = "auto",
+        gradient_clip_val: float | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in ("classification", "regression"):
+            raise ValueError(f"`task` must be 'classification' or 'regression'; got {task!r}.")
+        if vectorize not in ("auto", "loop", "vmap"):
+            raise ValueError(f"`vectorize` must be 'auto', 'loop' or 'vmap'; got {vectorize!r}.")
+        if eval_inner_steps is not None and (not isinstance(eval_inner_steps, int) or eval_inner_steps < 1):
+            raise ValueError(f"`eval_inner_steps` must be a positive integer or None; got {eval_inner_steps!r}.")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"`gradient_clip_val` must be positive or None; got {gradient_clip_val!r}.")
+        with warnings.catch_warnings():
+            # The model is saved in the hyperparameters on purpose: load_from_checkpoint rebuilds it.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.meta_learner = MetaSGD(model, init_lr, inner_steps, first_order, learn_lr)
+        self.task = task
+        self.eval_inner_steps = eval_inner_steps or inner_steps
+        self.vectorize = vectorize
+        self.gradient_clip_val = gradient_clip_val
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.loss_fn = F.cross_entropy if task == "classification" else _regression_loss
+        self.metric_names = ("loss", "acc") if task == "classification" else ("mse",)
+        # One TaskMeanCI per (stage, metric): values per task, synchronised across devices.
+        self.metrics = nn.ModuleDict(
+            {stage: nn.ModuleDict({name: TaskMeanCI() for name in self.metric_names}) for stage in ("val", "test")}
+        )
+        self.test_results: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def monitor(self) -> tuple[str, Literal["min", "max"]]:
+        """The validation metric that picks the best checkpoint, and whether higher or lower is better."""
+        return ("val/acc", "max") if self.task == "classification" else ("val/mse", "min")
+
+    @property
+    def model(self) -> nn.Module:
+        """The meta-learned network (its parameters are θ)."""
+        return self.meta_learner.model
+
+    def forward(self, x: Tensor, params: dict[str, Tensor] | None = None) -> Tensor:
+        return self.meta_learner(x, params)
+
+    # -- the recipe ---------------------------------------------------------------------------------
+
+    def adapt_batch(self, batch, steps: int, stage: str, first_order: bool | None = None) -> TaskBatchResult:
+        """Adapt every task of a meta-batch and score its query set; stop on NaN/inf."""
+        support_x, support_y, query_x, query_y = check_task_batch(batch)
+        self._check_targets(support_y, query_y)
+        result = self.meta_learner.adapt_tasks(
+            support_x, support_y, query_x, query_y, self.loss_fn, steps, self.vectorize, first_order
+        )
+        result.raise_if_not_finite(f"{stage} (global step {self.global_step})")
+        return result
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        result = self.adapt_batch(batch, self.meta_learner.inner_steps, "training")
+        meta_loss = result.query_loss.mean()
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(meta_loss)
+        if self.gradient_clip_val is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and not isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.step()
+
+        tasks = len(result.query_loss)
+        values = self._task_values(result, batch[3])
+        self.log_dict({f"train/{name}": value.mean() for name, value in values.items()}, prog_bar=True, batch_size=tasks)
+        self.log_dict({
+            "train/support_loss_before": result.support_loss[:, 0].mean(),
+            "train/support_loss_after": result.support_loss[:, -1].mean(),
+            "train/meta_lr": float(optimizer.param_groups[0]["lr"]),
+        }, batch_size=tasks)
+        return meta_loss.detach()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Adapt on each task's support set and predict its query inputs.
+
+        ``batch`` is ``(support_x, support_y, query_x)`` or ``(support_x, support_y, query_x, query_y)``;
+        returns class indices ``[tasks, queries]`` (classification) or outputs (regression).
+        """
+        if isinstance(batch, (tuple, list)) and len(batch) == 3:
+            support_x, support_y, query_x = batch
+            batch = (support_x, support_y, query_x, torch.zeros(query_x.shape[:2], dtype=support_y.dtype))
+        support_x, support_y, query_x, _ = check_task_batch(batch)
+        predictions = []
+        for sx, sy, qx in zip(support_x, support_y, query_x):
+            fast = self.meta_learner.adapt(sx, sy, self.loss_fn, self.eval_inner_steps, first_order=True)
+            with torch.no_grad():
+                output = self.meta_learner(qx, fast)
+            predictions.append(output.argmax(-1) if self.task == "classification" else output)
+        return torch.stack(predictions)
+
+    def configure_optimizers(self):
+        params = [p for p in self.meta_learner.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage("val")
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, ReduceLROnPlateau) and not self.trainer.sanity_checking:
+            scheduler.step(self.trainer.callback_metrics[self.monitor[0]])
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_stage("test")
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _evaluate(self, batch, stage: str) -> None:
+        # No meta-gradient is needed here: first order gives the same fast weights with less memory.
+        result = self.adapt_batch(batch, self.eval_inner_steps, stage, first_order=True)
+        for name, value in self._task_values(result, batch[3]).items():
+            self.metrics[stage][name].update(value)
+
+    def _task_values(self, result: TaskBatchResult, query_y: Tensor) -> dict[str, Tensor]:
+        """Per-task values of each metric, ``[tasks]``."""
+        loss = result.query_loss.detach()
+        if self.task == "classification":
+            return {"loss": loss, "acc": task_accuracy(result.query_output.detach(), query_y)}
+        return {"mse": loss}
+
+    def _log_stage(self, stage: str) -> dict[str, dict[str, Tensor]]:
+        results = {}
+        for name, metric in self.metrics[stage].items():
+            if not metric.update_called:
+                continue
+            result = metric.compute()  # all-reduced across devices by torchmetrics
+            results[name] = result
+            # Python floats: already synchronised, so Lightning must not reduce them again.
+            self.log(f"{stage}/{name}", float(result["mean"]), prog_bar=stage == "val")
+            self.log(f"{stage}/{name}_ci95", float(result["ci95"]))
+            metric.reset()
+        return results
+
+    def _check_targets(self, support_y: Tensor, query_y: Tensor) -> None:
+        if self.task == "classification":
+            for name, y in (("support_y", support_y), ("query_y", query_y)):
+                if y.is_floating_point() or y.dim() != 2:
+                    raise ValueError(
+                        f"task='classification' needs integer class labels of shape [tasks, examples]; {name} is "
+                        f"{y.dtype} of shape {tuple(y.shape)}. For real-valued targets use task='regression'."
+                    )
+        elif not (support_y.is_floating_point() and query_y.is_floating_point()):
+            raise ValueError(
+                f"task='regression' needs floating-point targets; got support_y {support_y.dtype} and query_y "
+                f"{query_y.dtype}. For class labels use task='classification'."
+            )
