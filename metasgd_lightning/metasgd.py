@@ -272,9 +272,17 @@ class MetaSGD(nn.Module):
         steps = self.inner_steps if steps is None else _check_positive_int("steps", steps)
         if vectorize not in ("auto", "loop", "vmap"):
             raise ValueError(f"`vectorize` must be 'auto', 'loop' or 'vmap'; got {vectorize!r}.")
-        if vectorize == "auto":
-            vectorize = "vmap" if support_x.device.type == "cuda" else "loop"
         first_order = self.first_order if first_order is None else first_order
+        native_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if vectorize == "auto":
+            vmap_ok = not (native_bn and not first_order)
+            vectorize = "vmap" if support_x.device.type == "cuda" and vmap_ok else "loop"
+        elif vectorize == "vmap" and native_bn and not first_order:
+            raise ValueError(
+                "vectorize='vmap' with second-order meta-gradients gives wrong gradients through torch's native "
+                "BatchNorm layers (torch.func limitation). Use vectorize='loop', first_order=True, or "
+                "metasgd_lightning.models.TaskBatchNorm2d in the model."
+            )
         _require_autograd()
         with torch.enable_grad():
             if vectorize == "vmap":

@@ -1,6 +1,6 @@
 """The networks of the Meta-SGD and MAML papers.
 
-BatchNorm here keeps no running statistics (``track_running_stats=False``): it normalises with the
+BatchNorm here keeps no running statistics (:class:`TaskBatchNorm2d`): it normalises with the
 statistics of the batch it sees, in the inner loop and at evaluation alike. This is the standard
 transductive setting of MAML and Meta-SGD: each task's support set and query set are normalised
 with their own statistics, and no statistics leak from one task into another.
@@ -13,7 +13,31 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SineMLP", "ConvNet4"]
+__all__ = ["SineMLP", "ConvNet4", "TaskBatchNorm2d"]
+
+
+class TaskBatchNorm2d(nn.Module):
+    """BatchNorm over the batch it is given, with a learned scale and shift, and no running statistics.
+
+    Numerically ``nn.BatchNorm2d(track_running_stats=False)``, but written with plain tensor ops:
+    torch 2.14's native batch-norm kernel gives wrong second-order gradients under ``torch.func.vmap``
+    (the vectorised inner loop), while these ops are correct there too (``tests/test_metasgd.py``).
+
+    Args:
+        num_features: channels.
+        eps: added to the variance.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), keepdim=True, correction=0)
+        scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias[:, None, None]
 
 
 class SineMLP(nn.Sequential):
@@ -74,6 +98,9 @@ class ConvNet4(nn.Module):
                             ("hidden_channels", hidden_channels), ("image_size", image_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ConvNet4 `{name}` must be a positive integer; got {value!r}.")
+        if downsample == "maxpool" and image_size < 16:
+            raise ValueError(f"ConvNet4 with 4 max-pooling blocks needs `image_size` >= 16; got {image_size}. "
+                             "Use larger images or downsample='stride'.")
         self.in_channels, self.image_size = in_channels, image_size
         blocks: list[nn.Module] = []
         channels = in_channels
@@ -81,7 +108,7 @@ class ConvNet4(nn.Module):
             stride = 2 if downsample == "stride" else 1
             blocks += [
                 nn.Conv2d(channels, hidden_channels, 3, stride=stride, padding=1),
-                nn.BatchNorm2d(hidden_channels, track_running_stats=False),
+                TaskBatchNorm2d(hidden_channels),
                 nn.ReLU(),
             ]
             if downsample == "maxpool":
