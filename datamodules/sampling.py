@@ -2,7 +2,18 @@
 
 A task is a pure function of ``(seed, split, global task index)``: the same seed gives the same task
 stream whatever the number of DataLoader workers or devices. Training draws fresh indices every
-epoch (``TaskIndexSampler``); validation and test always use indices ``0..n-1``.
+epoch (``TaskIndexSampler``); validation and test always use indices ``0..n-1``
+(``FixedTaskSampler``).
+
+Several devices (DDP, one process per device, on one or several nodes): ``meta_batch_size`` is per
+device, so one optimiser step covers ``world_size * meta_batch_size`` tasks. Both samplers shard the
+global index stream themselves, rank ``r`` of ``W`` taking indices ``r, r + W, r + 2W, ...``: the
+``k``-th meta-batches of all ranks together are exactly the ``k``-th meta-batch of one process with
+``meta_batch_size * W`` tasks, so a run on ``W`` devices meets the same tasks, step by step, as a
+run on one device with a ``W`` times larger meta-batch. Both samplers are
+:class:`~torch.utils.data.DistributedSampler` subclasses, so Lightning leaves them alone instead of
+wrapping them in its own distributed sampler (which would shuffle the training stream with a seed of
+its own, and pad the validation set by repeating tasks, counting them twice).
 """
 
 from __future__ import annotations
@@ -11,9 +22,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
-__all__ = ["SPLITS", "task_seed", "task_generator", "TaskIndexSampler"]
+__all__ = ["SPLITS", "task_seed", "task_generator", "TaskIndexSampler", "FixedTaskSampler"]
 
 SPLITS = ("train", "val", "test")
 
@@ -29,23 +41,103 @@ def task_generator(seed: int, split: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(task_seed(seed, split, index))
 
 
-class TaskIndexSampler(Sampler[int]):
-    """Yields the global task indices of the current epoch: ``epoch * n, ..., (epoch + 1) * n - 1``.
+class _RankShare(DistributedSampler):
+    """Base of the task samplers: this process's share of a global index stream.
 
-    Lightning calls ``set_epoch`` at the start of every training epoch, so each epoch meets new tasks,
-    and a run resumed at epoch ``e`` meets the same tasks as one that never stopped.
+    The rank and the number of processes are read when the sampler is iterated or measured (from
+    ``torch.distributed`` once its process group exists, else one process), unless given: a data
+    module can build its loaders before the process group is up. ``DistributedSampler.__init__`` is
+    deliberately not called (it insists on a process group); only the type matters to Lightning.
     """
 
-    def __init__(self, tasks_per_epoch: int) -> None:
-        self.tasks_per_epoch = tasks_per_epoch
+    def __init__(self, num_tasks: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"{type(self).__name__} needs a positive number of tasks; got {num_tasks!r}.")
+        if (num_replicas is None) != (rank is None):
+            raise ValueError("Give both `num_replicas` and `rank`, or neither (then torch.distributed decides).")
+        if num_replicas is not None and not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):
+            raise ValueError(f"Need num_replicas >= 1 and 0 <= rank < num_replicas; got {num_replicas!r} and {rank!r}.")
+        self.num_tasks = num_tasks
+        self._num_replicas, self._rank = num_replicas, rank
         self.epoch = 0
+        self.shuffle, self.seed, self.drop_last = False, 0, False  # DistributedSampler's attributes, for inspection
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        if self._num_replicas is not None:
+            return self._num_replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _check_world(self) -> tuple[int, int]:
+        world, rank = self.num_replicas, self.rank
+        if self.num_tasks < world:
+            raise ValueError(
+                f"{type(self).__name__} has {self.num_tasks} tasks for {world} processes: every process needs at "
+                f"least one task. Use at least {world} tasks (ideally a multiple of devices x meta_batch_size)."
+            )
+        return world, rank
+
+
+class TaskIndexSampler(_RankShare):
+    """Training tasks: the global indices ``epoch * n, ..., (epoch + 1) * n - 1`` of the current epoch.
+
+    Lightning calls ``set_epoch`` at the start of every training epoch, so each epoch meets new tasks,
+    and a run resumed at epoch ``e`` meets the same tasks as one that never stopped. On ``W``
+    processes rank ``r`` yields ``start + r, start + r + W, ...``: ``n // W`` indices on every rank
+    (so every rank runs the same number of steps; the ``n % W`` last tasks of an epoch are skipped),
+    and step ``k`` of all ranks covers the tasks of step ``k`` of one process with a ``W`` times
+    larger meta-batch.
+
+    Args:
+        tasks_per_epoch: ``n``, global tasks per epoch (over all processes); a multiple of
+            ``devices * meta_batch_size`` gives whole meta-batches.
+        num_replicas, rank: this process's place; by default from ``torch.distributed``.
+    """
+
+    def __init__(self, tasks_per_epoch: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        super().__init__(tasks_per_epoch, num_replicas, rank)
+        self.drop_last = True
+
+    @property
+    def tasks_per_epoch(self) -> int:
+        return self.num_tasks
+
     def __iter__(self) -> Iterator[int]:
-        start = self.epoch * self.tasks_per_epoch
-        return iter(range(start, start + self.tasks_per_epoch))
+        world, rank = self._check_world()
+        start = self.epoch * self.num_tasks
+        return iter(range(start + rank, start + world * (self.num_tasks // world), world))
 
     def __len__(self) -> int:
-        return self.tasks_per_epoch
+        world, _ = self._check_world()
+        return self.num_tasks // world
+
+
+class FixedTaskSampler(_RankShare):
+    """Validation and test tasks: the fixed indices ``0, ..., n - 1``, each on exactly one process.
+
+    On ``W`` processes rank ``r`` yields ``r, r + W, ...`` with no padding: ranks may hold one task
+    more or fewer, and no task is counted twice (Lightning's own ``DistributedSampler`` would repeat
+    tasks to even the ranks out). Metrics that sum over tasks and all-reduce by summation (such as
+    :class:`~metasgd_lightning.metrics.TaskMeanCI`) then equal those of one process.
+
+    Args:
+        num_tasks: ``n``, the size of the fixed task set (at least the number of processes).
+        num_replicas, rank: this process's place; by default from ``torch.distributed``.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        world, rank = self._check_world()
+        return iter(range(rank, self.num_tasks, world))
+
+    def __len__(self) -> int:
+        world, rank = self._check_world()
+        return len(range(rank, self.num_tasks, world))

@@ -28,8 +28,10 @@ class MetaSGDCLI(LightningCLI):
     """LightningCLI with Meta-SGD's defaults: gradients at evaluation, last and best checkpoints."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        # The data module knows whether its tasks are classification or regression.
+        # Values that data and model share are typed once, on the data module: whether its tasks are
+        # classification or regression, and (classification) the number of ways = the model's outputs.
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
+        parser.link_arguments("data.ways", "model.model.init_args.out_features", apply_on="instantiate")
         parser.add_lightning_class_args(MetaSGDCheckpoint, "checkpoint")
 
     def after_fit(self) -> None:

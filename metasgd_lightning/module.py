@@ -198,6 +198,23 @@ class MetaSGDLightningModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_stage("test")
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Name the first mismatch instead of load_state_dict's wall of text.
+        saved, ours = checkpoint.get("state_dict", {}), self.state_dict()
+        missing = sorted(set(ours) - set(saved))
+        unexpected = sorted(set(saved) - set(ours))
+        mismatched = [(k, tuple(saved[k].shape), tuple(v.shape)) for k, v in ours.items() if k in saved and saved[k].shape != v.shape]
+        if missing or unexpected or mismatched:
+            detail = (
+                f"parameter {mismatched[0][0]} has shape {mismatched[0][1]} in the checkpoint but {mismatched[0][2]} here"
+                if mismatched else f"missing here: {unexpected[:3]}; missing in the checkpoint: {missing[:3]}"
+            )
+            raise ValueError(
+                "The checkpoint was saved from a different architecture than the model configured now: "
+                f"{detail}. Use the model settings the checkpoint was trained with (its hparams.yaml / config.yaml), "
+                "or MetaSGDLightningModule.load_from_checkpoint(path), which rebuilds the model from the checkpoint."
+            )
+
     # -- helpers ------------------------------------------------------------------------------------
 
     def _evaluate(self, batch, stage: str) -> None:
