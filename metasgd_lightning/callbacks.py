@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
 
-__all__ = ["MetaSGDCheckpoint"]
+__all__ = ["LearnedRateMonitor", "MetaSGDCheckpoint"]
 
 
 class MetaSGDCheckpoint(ModelCheckpoint):
@@ -25,3 +27,48 @@ class MetaSGDCheckpoint(ModelCheckpoint):
             self.monitor, self.mode = getattr(pl_module, "monitor", (None, "min"))
             self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
         super().setup(trainer, pl_module, stage)
+
+
+class LearnedRateMonitor(Callback):
+    """Logs what Meta-SGD learns in its rates α, per parameter tensor, to TensorBoard.
+
+    Meta-SGD's α is a rate *and* a direction per parameter entry (entries may turn negative). Every
+    ``every_n_steps`` training steps this logs, for each adapted parameter, the scalars
+    ``lr/<param>/{mean,mean_abs,frac_negative,min,max}`` and, with ``histograms=True`` and a
+    TensorBoard logger, the histogram ``lr/<param>``. Add it to ``trainer.callbacks`` (the ``metasgd``
+    CLI adds it by default; ``--lr_monitor.every_n_steps 0`` switches it off).
+
+    Args:
+        every_n_steps: logging interval in training steps (0: off).
+        histograms: also log the distribution of each α as a histogram.
+    """
+
+    def __init__(self, every_n_steps: int = 100, histograms: bool = True) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ValueError(f"LearnedRateMonitor `every_n_steps` must be an integer >= 0; got {every_n_steps!r}.")
+        self.every_n_steps, self.histograms = every_n_steps, histograms
+
+    @staticmethod
+    def statistics(alpha: Tensor) -> dict[str, float]:
+        """``mean``, ``mean_abs``, ``frac_negative``, ``min`` and ``max`` of one α tensor."""
+        alpha = alpha.detach().float()
+        values = torch.stack([alpha.mean(), alpha.abs().mean(), (alpha < 0).float().mean(), alpha.min(), alpha.max()])
+        return dict(zip(("mean", "mean_abs", "frac_negative", "min", "max"), values.tolist()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # global_step already counts this batch's update; Lightning logs this batch's metrics one step earlier.
+        if not self.every_n_steps or trainer.global_step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        step = trainer.global_step - 1
+        if trainer.logger is None:
+            return
+        meta = pl_module.meta_learner
+        if not meta.learn_lr:
+            return
+        metrics = {}
+        for name in meta.adapted_names:
+            alpha = meta.lr(name)
+            metrics.update({f"lr/{name}/{stat}": value for stat, value in self.statistics(alpha).items()})
+            if self.histograms and isinstance(trainer.logger, TensorBoardLogger):
+                trainer.logger.experiment.add_histogram(f"lr/{name}", alpha.detach().float().cpu(), step)
+        trainer.logger.log_metrics(metrics, step=step)

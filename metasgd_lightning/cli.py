@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 import datamodules  # noqa: F401  (registers the data modules for `--data`)
 
 from ._quiet import silence_lightning_noise
-from .callbacks import MetaSGDCheckpoint
+from .callbacks import LearnedRateMonitor, MetaSGDCheckpoint
 from .module import MetaSGDLightningModule
 
 __all__ = ["MetaSGDCLI", "main"]
@@ -33,6 +33,7 @@ class MetaSGDCLI(LightningCLI):
         parser.link_arguments("data.task", "model.task", apply_on="instantiate")
         parser.link_arguments("data.ways", "model.model.init_args.out_features", apply_on="instantiate")
         parser.add_lightning_class_args(MetaSGDCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LearnedRateMonitor, "lr_monitor")
 
     def after_fit(self) -> None:
         _print_summary(self.trainer, "fit")

@@ -9,6 +9,7 @@ Validation and test adapt the same way, so they need gradients: the Trainer must
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Literal
 
@@ -16,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
@@ -108,6 +110,7 @@ class MetaSGDLightningModule(L.LightningModule):
             {stage: nn.ModuleDict({name: TaskMeanCI() for name in self.metric_names}) for stage in ("val", "test")}
         )
         self.test_results: dict[str, dict[str, Tensor]] = {}
+        self._last_step_end: float | None = None
 
     @property
     def monitor(self) -> tuple[str, Literal["min", "max"]]:
@@ -156,6 +159,7 @@ class MetaSGDLightningModule(L.LightningModule):
             "train/support_loss_after": result.support_loss[:, -1].mean(),
             "train/meta_lr": float(optimizer.param_groups[0]["lr"]),
         }, batch_size=tasks)
+        self._log_throughput(tasks)
         return meta_loss.detach()
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -189,14 +193,26 @@ class MetaSGDLightningModule(L.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer)}}
 
+    def on_train_epoch_start(self) -> None:
+        self._last_step_end = None  # the gap across validation and epoch ends is not training time
+
     def on_validation_epoch_end(self) -> None:
-        self._log_stage("val")
+        results = self._log_stage("val")
+        monitored = self.monitor[0].split("/")[1]
+        if monitored in results:
+            # TensorBoard's HParams view shows `hp_metric` beside the hyperparameters.
+            self.log("hp_metric", float(results[monitored]["mean"]))
         scheduler = self.lr_schedulers()
         if isinstance(scheduler, ReduceLROnPlateau) and not self.trainer.sanity_checking:
             scheduler.step(self.trainer.callback_metrics[self.monitor[0]])
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_stage("test")
+        if isinstance(self.logger, TensorBoardLogger) and self.test_results:
+            # Final test metrics beside the hyperparameters in TensorBoard's HParams view.
+            metrics = {f"hparams/test_{name}": float(r["mean"]) for name, r in self.test_results.items()}
+            metrics.update({f"hparams/test_{name}_ci95": float(r["ci95"]) for name, r in self.test_results.items()})
+            self.logger.log_hyperparams(self.hparams, metrics)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Name the first mismatch instead of load_state_dict's wall of text.
@@ -222,6 +238,13 @@ class MetaSGDLightningModule(L.LightningModule):
         result = self.adapt_batch(batch, self.eval_inner_steps, stage, first_order=True)
         for name, value in self._task_values(result, batch[3]).items():
             self.metrics[stage][name].update(value)
+
+    def _log_throughput(self, tasks: int) -> None:
+        """Tasks per second over all devices, from the wall time between training steps (data loading included)."""
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            self.log("train/tasks_per_sec", tasks * self.trainer.world_size / (now - self._last_step_end), batch_size=tasks)
+        self._last_step_end = now
 
     def _task_values(self, result: TaskBatchResult, query_y: Tensor) -> dict[str, Tensor]:
         """Per-task values of each metric, ``[tasks]``."""
