@@ -27,7 +27,6 @@ from .metrics import TaskMeanCI, task_accuracy
 __all__ = ["MetaSGDLightningModule"]
 
 Task = Literal["classification", "regression"]
-STAGES = ("train", "val", "test")
 
 
 def _regression_loss(output: Tensor, target: Tensor) -> Tensor:
