@@ -20,7 +20,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 Params = dict[str, Tensor]
 Vectorize = Literal["auto", "loop", "vmap"]
 
-__all__ = ["MetaSGD", "InnerLoopDivergedError", "TaskBatchResult", "check_task_batch"]
+__all__ = ["MetaSGD", "InnerLoopDivergedError", "TaskBatchResult", "check_task_batch", "multi_step_loss_weights"]
 
 
 class InnerLoopDivergedError(FloatingPointError):
@@ -111,6 +111,27 @@ def check_task_batch(batch: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return support_x, support_y, query_x, query_y
 
 
+def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> Tensor:
+    """MAML++'s multi-step loss weights: one weight per inner step, annealed towards the last step.
+
+    At epoch 0 every step weighs ``1/steps``; each epoch moves ``1/(steps * anneal_epochs)`` of weight
+    from every earlier step (down to a floor of ``0.03/steps``) to the last; from ``anneal_epochs`` on,
+    only the last step counts. The weights always sum to 1.
+
+    Reference: Antoniou, Edwards and Storkey (2019). How to train your MAML. ICLR.
+
+    Example:
+        >>> multi_step_loss_weights(steps=4, epoch=0, anneal_epochs=10)
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
+    """
+    if epoch >= anneal_epochs:
+        return torch.nn.functional.one_hot(torch.tensor(steps - 1), steps).float()
+    earlier = max(1.0 / steps - epoch / (steps * anneal_epochs), 0.03 / steps)
+    weights = torch.full((steps,), earlier)
+    weights[-1] = 1.0 - earlier * (steps - 1)
+    return weights
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
@@ -158,10 +179,12 @@ class MetaSGD(nn.Module):
         first_order: drop second-order terms (the gradient through ∇θ L); α still gets a
             meta-gradient, since θ' depends on it directly.
         learn_lr: ``False`` gives MAML: one fixed scalar rate ``init_lr`` for every parameter.
+        per_step_lr: learn a separate α for each inner step (MAML++'s per-step rates applied to
+            Meta-SGD's per-parameter rates); α then has shape ``[inner_steps, *param.shape]``.
 
     Reference:
         Li, Zhou, Chen and Li (2017). Meta-SGD: Learning to Learn Quickly for Few-Shot Learning.
-        arXiv:1707.09835.
+        arXiv:1707.09835. Per-step rates: Antoniou, Edwards and Storkey (2019). How to train your MAML.
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -181,10 +204,14 @@ class MetaSGD(nn.Module):
         inner_steps: int = 1,
         first_order: bool = False,
         learn_lr: bool = True,
+        per_step_lr: bool = False,
     ) -> None:
         super().__init__()
         self.inner_steps = _check_positive_int("inner_steps", inner_steps)
         low, high = _parse_init_lr(init_lr, learn_lr)
+        if per_step_lr and not learn_lr:
+            raise ValueError("`per_step_lr=True` learns one α per inner step, which needs `learn_lr=True`.")
+        self.per_step_lr = bool(per_step_lr)
         self.model = model
         self.first_order = bool(first_order)
         self.learn_lr = bool(learn_lr)
@@ -196,14 +223,20 @@ class MetaSGD(nn.Module):
             if not param.requires_grad:
                 continue
             if learn_lr:
-                alpha = torch.empty_like(param, requires_grad=False).uniform_(low, high)
+                shape = (inner_steps, *param.shape) if per_step_lr else param.shape
+                alpha = torch.empty(shape, dtype=param.dtype, device=param.device).uniform_(low, high)
             else:
                 alpha = torch.tensor(low, dtype=param.dtype, device=param.device)
             self.lrs[_lr_key(name)] = nn.Parameter(alpha, requires_grad=learn_lr)
 
-    def lr(self, param_name: str) -> Tensor:
-        """The rate α of the model parameter named ``param_name`` (as in ``model.named_parameters()``)."""
-        return self.lrs[_lr_key(param_name)]
+    def lr(self, param_name: str, step: int = 0) -> Tensor:
+        """The rate α of the model parameter named ``param_name`` (as in ``model.named_parameters()``).
+
+        With ``per_step_lr``, the rate of inner step ``step``; steps past ``inner_steps`` (e.g. more
+        steps at evaluation) reuse the last step's rate.
+        """
+        alpha = self.lrs[_lr_key(param_name)]
+        return alpha[min(step, len(alpha) - 1)] if self.per_step_lr else alpha
 
     def forward(self, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Run the model with the weights ``params`` (e.g. from :meth:`adapt`), or with θ if ``None``."""
@@ -258,13 +291,15 @@ class MetaSGD(nn.Module):
         steps: int | None = None,
         vectorize: Vectorize = "auto",
         first_order: bool | None = None,
+        step_weights: Tensor | None = None,
     ) -> TaskBatchResult:
         """Adapt to each task of a meta-batch and score its query set.
 
         Every tensor has a leading task dimension. ``vectorize="vmap"`` runs all tasks at once with
         ``torch.func.vmap`` (pays off on GPUs), ``"loop"`` one after another (cheaper on CPUs),
         ``"auto"`` picks by the device of the inputs. ``steps`` and ``first_order`` override the
-        module's settings for this call.
+        module's settings for this call. ``step_weights`` (``[steps]``) turns on the multi-step loss
+        of MAML++: each task's query loss becomes Σᵢ wᵢ L_query(θᵢ) over the weights after every step.
 
         Returns:
             A :class:`TaskBatchResult`; call its ``raise_if_not_finite()`` to catch divergence.
@@ -273,6 +308,8 @@ class MetaSGD(nn.Module):
         if vectorize not in ("auto", "loop", "vmap"):
             raise ValueError(f"`vectorize` must be 'auto', 'loop' or 'vmap'; got {vectorize!r}.")
         first_order = self.first_order if first_order is None else first_order
+        if step_weights is not None and step_weights.shape != (steps,):
+            raise ValueError(f"`step_weights` must have shape ({steps},), one weight per inner step; got {tuple(step_weights.shape)}.")
         native_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         if vectorize == "auto":
             vmap_ok = not (native_bn and not first_order)
@@ -286,60 +323,72 @@ class MetaSGD(nn.Module):
         _require_autograd()
         with torch.enable_grad():
             if vectorize == "vmap":
-                task_fn = lambda sx, sy, qx, qy: self._task_functional(sx, sy, qx, qy, loss_fn, steps, first_order)  # noqa: E731
+                def task_fn(sx, sy, qx, qy):
+                    return self._task(sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, self._grads_functional)
+
                 query_loss, query_output, support_loss = vmap(task_fn, randomness="different")(
                     support_x, support_y, query_x, query_y
                 )
             else:
                 results = [
-                    self._task_autograd(sx, sy, qx, qy, loss_fn, steps, first_order)
+                    self._task(sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, self._grads_autograd)
                     for sx, sy, qx, qy in zip(support_x, support_y, query_x, query_y)
                 ]
                 query_loss, query_output, support_loss = (torch.stack(r) for r in zip(*results))
         return TaskBatchResult(query_loss, query_output, support_loss.detach())
 
-    # -- the inner loop, two ways: torch.autograd (per task) and torch.func (vmap-able) ----------
+    # -- the inner loop; gradients by torch.autograd (per task) or torch.func (vmap-able) ----------
 
-    def _sgd_step(self, fast: Params, grads: Mapping[str, Tensor]) -> Params:
-        return {n: w - self.lr(n) * grads[n] for n, w in fast.items()}
+    def _sgd_step(self, fast: Params, grads: Mapping[str, Tensor], step: int) -> Params:
+        return {n: w - self.lr(n, step) * grads[n] for n, w in fast.items()}
 
     def _initial_fast_weights(self) -> Params:
         params = dict(self.model.named_parameters())
         return {n: params[n] for n in self.adapted_names}
 
-    def _adapt_autograd(self, x: Tensor, y: Tensor, loss_fn: LossFn, steps: int, first_order: bool) -> tuple[Params, Tensor]:
-        fast = self._initial_fast_weights()
-        losses = []
-        for _ in range(steps):
-            loss = loss_fn(self(x, fast), y)
-            # First order: no graph through the gradient (create_graph=False), which also saves memory.
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-            fast = self._sgd_step(fast, dict(zip(fast, grads)))
+    def _grads_autograd(self, fast: Params, x: Tensor, y: Tensor, loss_fn: LossFn, first_order: bool):
+        loss = loss_fn(self(x, fast), y)
+        # First order: no graph through the gradient (create_graph=False), which also saves memory.
+        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+        return dict(zip(fast, grads)), loss
+
+    def _grads_functional(self, fast: Params, x: Tensor, y: Tensor, loss_fn: LossFn, first_order: bool):
+        grads, loss = grad_and_value(lambda weights: loss_fn(self(x, weights), y))(fast)
+        if first_order:
+            grads = {n: g.detach() for n, g in grads.items()}
+        return grads, loss
+
+    def _inner_loop(self, x, y, loss_fn, steps, first_order, grad_fn, on_step=None) -> tuple[Params, list[Tensor]]:
+        """``steps`` updates from θ; returns the fast weights and the support loss before each step."""
+        fast, losses = self._initial_fast_weights(), []
+        for step in range(steps):
+            grads, loss = grad_fn(fast, x, y, loss_fn, first_order)
+            fast = self._sgd_step(fast, grads, step)
             losses.append(loss.detach())
+            if on_step is not None:
+                on_step(step, fast)
+        return fast, losses
+
+    def _adapt_autograd(self, x: Tensor, y: Tensor, loss_fn: LossFn, steps: int, first_order: bool) -> tuple[Params, Tensor]:
+        fast, losses = self._inner_loop(x, y, loss_fn, steps, first_order, self._grads_autograd)
         return fast, torch.stack(losses)
 
-    def _task_autograd(self, sx, sy, qx, qy, loss_fn, steps, first_order):
-        fast, support_losses = self._adapt_autograd(sx, sy, loss_fn, steps, first_order)
-        with torch.no_grad():
-            final_support = loss_fn(self(sx, fast), sy)
-        query_output = self(qx, fast)
-        return loss_fn(query_output, qy), query_output, torch.cat([support_losses, final_support[None]])
+    def _task(self, sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, grad_fn):
+        """Adapt to one task; query loss (step-weighted if ``step_weights``), query output, support losses."""
+        intermediate: list[Tensor] = []
 
-    def _task_functional(self, sx, sy, qx, qy, loss_fn, steps, first_order):
-        def support_loss(fast: Params) -> Tensor:
-            return loss_fn(self(sx, fast), sy)
+        def score_intermediate(step: int, fast: Params) -> None:
+            if step < steps - 1:
+                intermediate.append(loss_fn(self(qx, fast), qy))
 
-        fast = self._initial_fast_weights()
-        losses = []
-        for _ in range(steps):
-            grads, loss = grad_and_value(support_loss)(fast)
-            if first_order:
-                grads = {n: g.detach() for n, g in grads.items()}
-            fast = self._sgd_step(fast, grads)
-            losses.append(loss.detach())
-        losses.append(support_loss(fast).detach())
+        on_step = score_intermediate if step_weights is not None else None
+        fast, support_losses = self._inner_loop(sx, sy, loss_fn, steps, first_order, grad_fn, on_step)
+        support_losses.append(loss_fn(self(sx, fast), sy).detach())
         query_output = self(qx, fast)
-        return loss_fn(query_output, qy), query_output, torch.stack(losses)
+        query_loss = loss_fn(query_output, qy)
+        if step_weights is not None:
+            query_loss = (step_weights * torch.stack([*intermediate, query_loss])).sum()
+        return query_loss, query_output, torch.stack(support_losses)
 
 
 def _require_autograd() -> None:

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from .metasgd import MetaSGD, TaskBatchResult, Vectorize, check_task_batch
+from .metasgd import MetaSGD, TaskBatchResult, Vectorize, check_task_batch, multi_step_loss_weights
 from .metrics import TaskMeanCI, task_accuracy
 
 __all__ = ["MetaSGDLightningModule"]
@@ -48,6 +48,12 @@ class MetaSGDLightningModule(L.LightningModule):
         inner_steps: inner-loop steps in training.
         first_order: drop second-order terms of the meta-gradient (α still learns).
         learn_lr: ``False`` gives MAML with the fixed scalar rate ``init_lr``.
+        per_step_lr: (MAML++) a separate learned α for each inner step.
+        multi_step_loss: (MAML++) train on the query loss after every inner step, weighted, the
+            weights annealed towards the last step over ``multi_step_loss_epochs`` epochs.
+        multi_step_loss_epochs: epochs over which the multi-step loss anneals to the last step.
+        first_order_epochs: (MAML++ derivative-order annealing) first-order meta-gradients for the
+            first this many epochs, then ``first_order`` (second order by default).
         eval_inner_steps: inner-loop steps at validation, test and prediction (default: ``inner_steps``).
         vectorize: ``"vmap"`` adapts the tasks of a meta-batch at once, ``"loop"`` one by one,
             ``"auto"`` uses vmap on GPUs and the loop on CPUs.
@@ -76,6 +82,10 @@ class MetaSGDLightningModule(L.LightningModule):
         inner_steps: int = 1,
         first_order: bool = False,
         learn_lr: bool = True,
+        per_step_lr: bool = False,
+        multi_step_loss: bool = False,
+        multi_step_loss_epochs: int = 10,
+        first_order_epochs: int = 0,
         eval_inner_steps: int | None = None,
         vectorize: Vectorize = "auto",
         gradient_clip_val: float | None = None,
@@ -89,6 +99,9 @@ class MetaSGDLightningModule(L.LightningModule):
             raise ValueError(f"`vectorize` must be 'auto', 'loop' or 'vmap'; got {vectorize!r}.")
         if eval_inner_steps is not None and (not isinstance(eval_inner_steps, int) or eval_inner_steps < 1):
             raise ValueError(f"`eval_inner_steps` must be a positive integer or None; got {eval_inner_steps!r}.")
+        for name, value in (("multi_step_loss_epochs", multi_step_loss_epochs), ("first_order_epochs", first_order_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0; got {value!r}.")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"`gradient_clip_val` must be positive or None; got {gradient_clip_val!r}.")
         with warnings.catch_warnings():
@@ -96,7 +109,9 @@ class MetaSGDLightningModule(L.LightningModule):
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
         self.automatic_optimization = False
-        self.meta_learner = MetaSGD(model, init_lr, inner_steps, first_order, learn_lr)
+        self.meta_learner = MetaSGD(model, init_lr, inner_steps, first_order, learn_lr, per_step_lr)
+        self.multi_step_loss, self.multi_step_loss_epochs = multi_step_loss, multi_step_loss_epochs
+        self.first_order_epochs = first_order_epochs
         self.task = task
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.vectorize = vectorize
@@ -126,18 +141,24 @@ class MetaSGDLightningModule(L.LightningModule):
 
     # -- the recipe ---------------------------------------------------------------------------------
 
-    def adapt_batch(self, batch, steps: int, stage: str, first_order: bool | None = None) -> TaskBatchResult:
+    def adapt_batch(self, batch, steps: int, stage: str, first_order: bool | None = None,
+                    step_weights: Tensor | None = None) -> TaskBatchResult:
         """Adapt every task of a meta-batch and score its query set; stop on NaN/inf."""
         support_x, support_y, query_x, query_y = check_task_batch(batch)
         self._check_targets(support_y, query_y)
         result = self.meta_learner.adapt_tasks(
-            support_x, support_y, query_x, query_y, self.loss_fn, steps, self.vectorize, first_order
+            support_x, support_y, query_x, query_y, self.loss_fn, steps, self.vectorize, first_order, step_weights
         )
         result.raise_if_not_finite(f"{stage} (global step {self.global_step})")
         return result
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        result = self.adapt_batch(batch, self.meta_learner.inner_steps, "training")
+        steps, epoch = self.meta_learner.inner_steps, self.current_epoch
+        first_order = True if epoch < self.first_order_epochs else None  # None: the configured order
+        step_weights = None
+        if self.multi_step_loss:
+            step_weights = multi_step_loss_weights(steps, epoch, self.multi_step_loss_epochs).to(self.device)
+        result = self.adapt_batch(batch, steps, "training", first_order, step_weights)
         meta_loss = result.query_loss.mean()
 
         optimizer = self.optimizers()
