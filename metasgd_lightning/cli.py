@@ -3,6 +3,7 @@
     metasgd fit --config configs/sine_5shot.yaml
     metasgd fit --config configs/sine_5shot.yaml --ckpt_path last     # resume
     metasgd test --config configs/sine_5shot.yaml --ckpt_path runs/sine_5shot/checkpoints/last.ckpt
+    metasgd plot-lrs runs/sine_5shot/checkpoints/last.ckpt --out lrs.png
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def _print_summary(trainer, stage: str) -> None:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``metasgd`` console script and ``python -m metasgd_lightning``."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["plot-lrs"]:  # not a Trainer command: draw the learned rates of a checkpoint
+        from .plotting import main as plot_lrs
+
+        return plot_lrs(argv[1:])
     silence_lightning_noise()
     MetaSGDCLI(
         MetaSGDLightningModule,

@@ -1,0 +1,60 @@
+"""``metasgd plot-lrs CKPT --out lrs.png``: the distribution of the learned rates α per layer."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+__all__ = ["plot_learned_rates", "main"]
+
+
+def plot_learned_rates(checkpoint_path: str | Path, out: str | Path, bins: int = 60) -> Path:
+    """Draw one histogram of α per adapted parameter tensor from a checkpoint, and save it to ``out``.
+
+    Each panel gives the share of negative entries: Meta-SGD learns a direction as well as a rate.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    rates = {k.removeprefix("meta_learner.lrs.").replace("-", "."): v.float() for k, v in state.items()
+             if k.startswith("meta_learner.lrs.")}
+    if not rates:
+        raise ValueError(f"{path} holds no learned rates (meta_learner.lrs.*): is it a MetaSGDLightningModule checkpoint?")
+    cols = min(4, len(rates))
+    rows = math.ceil(len(rates) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (name, alpha) in zip(axes.flat, rates.items()):
+        values = alpha.flatten().numpy()
+        ax.hist(values, bins=bins, color="#3b75af")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_title(f"{name}  {tuple(alpha.shape)}", fontsize=9)
+        ax.text(0.98, 0.95, f"mean {values.mean():.3g}\nneg {100 * (values < 0).mean():.1f}%", transform=ax.transAxes,
+                ha="right", va="top", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(rates):]:
+        ax.axis("off")
+    fig.suptitle(f"Learned inner-loop rates α per parameter tensor: {path.name}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="metasgd plot-lrs", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint written by `metasgd fit`")
+    parser.add_argument("--out", default="lrs.png", help="the image to write (default: lrs.png)")
+    parser.add_argument("--bins", type=int, default=60)
+    args = parser.parse_args(argv)
+    print(f"Wrote {plot_learned_rates(args.checkpoint, args.out, args.bins)}")
