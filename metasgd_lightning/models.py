@@ -61,6 +61,8 @@ class SineMLP(nn.Sequential):
             nn.ReLU(),
             nn.Linear(hidden, out_features),
         )
+        # Recorded so that a checkpoint stores the model as a config, not as a pickled object.
+        self.init_args = dict(hidden=hidden, in_features=in_features, out_features=out_features)
 
 
 class ConvNet4(nn.Module):
@@ -102,6 +104,8 @@ class ConvNet4(nn.Module):
             raise ValueError(f"ConvNet4 with 4 max-pooling blocks needs `image_size` >= 16; got {image_size}. "
                              "Use larger images or downsample='stride'.")
         self.in_channels, self.image_size = in_channels, image_size
+        self.init_args = dict(out_features=out_features, in_channels=in_channels, hidden_channels=hidden_channels,
+                              image_size=image_size, downsample=downsample)
         blocks: list[nn.Module] = []
         channels = in_channels
         for _ in range(4):

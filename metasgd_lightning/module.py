@@ -9,6 +9,7 @@ Validation and test adapt the same way, so they need gradients: the Trainer must
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from typing import Literal
@@ -36,6 +37,27 @@ def _regression_loss(output: Tensor, target: Tensor) -> Tensor:
             f"for targets of shape {tuple(target.shape)}. Match the model's `out_features` to the targets."
         )
     return F.mse_loss(output, target)
+
+
+_NOT_A_CONFIG = object()
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _as_config(obj: object) -> object:
+    """``{"class_path", "init_args"}`` for a model with recorded ``init_args``, a class or a partial of one."""
+    if obj is None:
+        return None
+    if isinstance(obj, nn.Module):
+        init_args = getattr(obj, "init_args", None)
+        return {"class_path": _class_path(type(obj)), "init_args": dict(init_args)} if isinstance(init_args, dict) else _NOT_A_CONFIG
+    if isinstance(obj, type):
+        return {"class_path": _class_path(obj)}
+    if isinstance(obj, functools.partial) and isinstance(obj.func, type) and not obj.args:
+        return {"class_path": _class_path(obj.func), "init_args": dict(obj.keywords)}
+    return _NOT_A_CONFIG
 
 
 class MetaSGDLightningModule(L.LightningModule):
@@ -108,6 +130,7 @@ class MetaSGDLightningModule(L.LightningModule):
             # The model is saved in the hyperparameters on purpose: load_from_checkpoint rebuilds it.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
+        self._store_hparams_as_config(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.automatic_optimization = False
         self.meta_learner = MetaSGD(model, init_lr, inner_steps, first_order, learn_lr, per_step_lr)
         self.multi_step_loss, self.multi_step_loss_epochs = multi_step_loss, multi_step_loss_epochs
@@ -252,6 +275,21 @@ class MetaSGDLightningModule(L.LightningModule):
             )
 
     # -- helpers ------------------------------------------------------------------------------------
+
+    def _store_hparams_as_config(self, **objects) -> None:
+        """Store the model, optimiser and scheduler as ``class_path`` configs, as the CLI does.
+
+        Then a checkpoint of a module built in Python holds no pickled objects: ``load_from_checkpoint``
+        rebuilds them with ``weights_only`` loading, the safe default. Objects that cannot be described
+        (a model without recorded ``init_args``, a lambda) stay as they are, pickled.
+        """
+        if "_instantiator" in self.hparams:  # built by the CLI: already configs
+            return
+        configs = {name: _as_config(obj) for name, obj in objects.items()}
+        if any(config is _NOT_A_CONFIG for config in configs.values()):
+            return
+        self.hparams.update(configs)
+        self.hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
 
     def _evaluate(self, batch, stage: str) -> None:
         # No meta-gradient is needed here: first order gives the same fast weights with less memory.

@@ -24,7 +24,7 @@ def _support(ways=3, shots=2):
 
 
 def test_adapt_returns_a_plain_module_with_the_adapted_weights(python_checkpoint):
-    module = load_meta_learner(python_checkpoint, trusted=True)
+    module = load_meta_learner(python_checkpoint)
     support_x, support_y = _support()
     model = adapt(module, support_x, support_y)
     assert type(model) is ConvNet4 and not isinstance(model, L.LightningModule)
@@ -36,7 +36,7 @@ def test_adapt_returns_a_plain_module_with_the_adapted_weights(python_checkpoint
 
 
 def test_support_sets_that_do_not_fit_are_named(python_checkpoint):
-    module = load_meta_learner(python_checkpoint, trusted=True)
+    module = load_meta_learner(python_checkpoint)
     x, y = _support()
     with pytest.raises(ValueError, match=r"3-way tasks.*Missing classes: \[2\]"):
         adapt(module, x[:4], y[:4])
@@ -57,8 +57,15 @@ def test_bad_checkpoints_are_named(python_checkpoint, tmp_path):
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a checkpoint of MetaSGDLightningModule"):
         load_meta_learner(tmp_path / "other.ckpt")
+    # A model the module cannot describe as a config (no recorded init_args) is stored pickled:
+    # refused unless trusted.
+    module = MetaSGDLightningModule(torch.nn.Sequential(torch.nn.Linear(1, 1)), task="regression")
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "pickled.ckpt")
     with pytest.raises(ValueError, match="trusted=True"):
-        load_meta_learner(python_checkpoint)  # its model is pickled: refused unless trusted
+        load_meta_learner(tmp_path / "pickled.ckpt")
+    assert isinstance(load_meta_learner(tmp_path / "pickled.ckpt", trusted=True).model, torch.nn.Sequential)
 
 
 def test_regression_adaptation_fits_the_new_task():

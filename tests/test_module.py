@@ -102,7 +102,7 @@ def test_nan_in_the_inner_loop_stops_training_and_keeps_the_last_checkpoint(tmp_
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
-    restored = MetaSGDLightningModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    restored = MetaSGDLightningModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert torch.equal(restored.meta_learner.lrs["0-weight"], last["state_dict"]["meta_learner.lrs.0-weight"])
 
 
@@ -111,7 +111,10 @@ def test_load_from_checkpoint_gives_the_same_predictions(tmp_path):
     trainer = _trainer(tmp_path, max_steps=5, limit_val_batches=0)
     trainer.fit(module, _sine_data())
     trainer.save_checkpoint(tmp_path / "model.ckpt")
-    restored = MetaSGDLightningModule.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=False)
+    # The model and optimiser are stored as configs, so the safe weights_only loading works.
+    assert module.hparams["model"] == {"class_path": "metasgd_lightning.models.SineMLP",
+                                       "init_args": {"hidden": 40, "in_features": 1, "out_features": 1}}
+    restored = MetaSGDLightningModule.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     batch = next(iter(_sine_data().test_dataloader()))
     torch.testing.assert_close(restored.predict_step(batch, 0), module.predict_step(batch, 0), rtol=0, atol=0)
     assert restored.hparams.init_lr == (0.005, 0.1) and restored.task == "regression"
@@ -123,7 +126,7 @@ def test_a_checkpoint_of_another_architecture_is_named(tmp_path):
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     other = MetaSGDLightningModule(SineMLP(hidden=20), task="regression")
     with pytest.raises(ValueError, match=r"different architecture.*\(40, 1\) in the checkpoint but \(20, 1\) here"):
-        _trainer(tmp_path).validate(other, _sine_data(), ckpt_path=tmp_path / "model.ckpt", weights_only=False)
+        _trainer(tmp_path).validate(other, _sine_data(), ckpt_path=tmp_path / "model.ckpt")
 
 
 def test_predict_step_returns_query_predictions():
