@@ -58,6 +58,10 @@ def _print_summary(trainer, stage: str) -> None:
             ci_text = f" ± {float(ci):.4f} (95% CI over tasks)" if ci is not None else ""
             label = {"fit": "Final validation", "validate": "Validation", "test": "Test"}[stage]
             lines.append(f"{label} {name}: {value:.4f}{ci_text}")
+    task_names = getattr(trainer.datamodule, "task_names", None)
+    if stage == "test" and task_names and "acc" in module.test_results:
+        published = getattr(trainer.datamodule, "published_error_rates", None)
+        lines += _per_task_errors(task_names, module.test_results["acc"]["values"], published)
     logger = trainer.logger
     if logger is not None and getattr(logger, "log_dir", None):
         log_dir = Path(logger.log_dir)
@@ -68,6 +72,18 @@ def _print_summary(trainer, stage: str) -> None:
     if logger is not None and getattr(logger, "save_dir", None):
         lines.append(f"Watch them: tensorboard --logdir {os.path.relpath(logger.save_dir)}")
     print("\n".join(lines), flush=True)
+
+
+def _per_task_errors(names: list[str], accuracies, published: dict[str, float] | None) -> list[str]:
+    """Error rate of each named test task (e.g. the runs of Omniglot's one-shot challenge) and their mean."""
+    if len(names) != len(accuracies):  # e.g. several devices, whose gathered order is not the task order
+        return [f"(per-task errors not shown: {len(accuracies)} values for {len(names)} named tasks)"]
+    errors = [100 * (1 - float(a)) for a in accuracies]
+    lines = [f"{name}: error {error:.1f}%" for name, error in zip(names, errors)]
+    lines.append(f"Mean error over {len(errors)} runs: {sum(errors) / len(errors):.1f}%")
+    if published:
+        lines.append("Published: " + ", ".join(f"{who} {rate}%" for who, rate in published.items()))
+    return lines
 
 
 def main(args: list[str] | None = None) -> None:

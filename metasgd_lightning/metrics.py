@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 __all__ = ["TaskMeanCI", "task_accuracy"]
 
@@ -31,17 +32,22 @@ class TaskMeanCI(Metric):
     full_state_update = False
     higher_is_better = None
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, keep_values: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.keep_values = keep_values
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total_sq", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        if keep_values:  # every task's value, gathered from all devices (in rank order)
+            self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def update(self, values: Tensor) -> None:
         values = values.detach().reshape(-1).to(torch.float64)
         self.total += values.sum()
         self.total_sq += (values * values).sum()
         self.count += values.numel()
+        if self.keep_values:
+            self.values.append(values)
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count
@@ -49,7 +55,10 @@ class TaskMeanCI(Metric):
         var = ((self.total_sq - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
         std = var.sqrt()
         ci95 = 1.96 * std / n.clamp(min=1).sqrt()
-        return {"mean": mean, "ci95": ci95, "std": std, "n": n}
+        result = {"mean": mean, "ci95": ci95, "std": std, "n": n}
+        if self.keep_values:
+            result["values"] = dim_zero_cat(self.values) if len(self.values) else torch.zeros(0, dtype=torch.float64)
+        return result
 
     @staticmethod
     def format(result: dict[str, Tensor], percent: bool = False) -> str:

@@ -143,9 +143,10 @@ class MetaSGDLightningModule(L.LightningModule):
         self.loss_fn = F.cross_entropy if task == "classification" else _regression_loss
         self.metric_names = ("loss", "acc") if task == "classification" else ("mse",)
         # One TaskMeanCI per (stage, metric): values per task, synchronised across devices.
-        self.metrics = nn.ModuleDict(
-            {stage: nn.ModuleDict({name: TaskMeanCI() for name in self.metric_names}) for stage in ("val", "test")}
-        )
+        self.metrics = nn.ModuleDict({
+            stage: nn.ModuleDict({name: TaskMeanCI(keep_values=stage == "test") for name in self.metric_names})
+            for stage in ("val", "test")
+        })
         self.test_results: dict[str, dict[str, Tensor]] = {}
         self._last_step_end: float | None = None
 
