@@ -1,0 +1,208 @@
+"""Few-shot tasks from your own images: one folder per class, at any depth."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from PIL import Image
+from torch import Tensor
+
+from .episodic import (
+    EpisodicDataModule,
+    ImageSource,
+    ImageTransform,
+    check_fractions,
+    check_normalisation,
+    standard_augmentation,
+)
+
+__all__ = ["FileImages", "ImageFolderDataModule", "find_class_folders", "split_classes"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def find_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, list[Path]]:
+    """Every folder under ``root`` that directly holds images is a class, named by its path relative to ``root``.
+
+    So ``root/cat/*.jpg`` gives the class ``cat`` and ``root/Greek/character01/*.png`` the class
+    ``Greek/character01``. Hidden files and folders (and macOS's ``__MACOSX``) are skipped. Classes and
+    their images are sorted by name, so the result does not depend on the file system's order.
+    """
+    classes: dict[str, list[Path]] = {}
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
+        images = sorted(f for f in files if f.lower().endswith(tuple(extensions)) and not f.startswith("."))
+        if images:
+            name = Path(folder).relative_to(root).as_posix()
+            classes[name] = [Path(folder) / f for f in images]
+    return dict(sorted(classes.items()))
+
+
+def split_classes(names: Sequence, fractions: Sequence[float], seed: int) -> dict[str, list]:
+    """Shuffle the class names with ``seed`` and cut them into train/val/test by ``fractions``.
+
+    Split sizes are ``round(n * f_train)``, ``round(n * (f_train + f_val)) - round(n * f_train)`` and the rest.
+    """
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    first, second = round(n * fractions[0]), round(n * (fractions[0] + fractions[1]))
+    return {"train": order[:first], "val": order[first:second], "test": order[second:]}
+
+
+class FileImages(ImageSource):
+    """Images stored as files, one label per file."""
+
+    def read(self, key: str) -> Image.Image:
+        return Image.open(key)
+
+
+def file_images(classes: Mapping[str, Sequence[Path]], transform: Callable[[Image.Image], Tensor] | None,
+                names: Sequence[str] | None = None, prefix: str = "") -> FileImages:
+    """A :class:`FileImages` over ``classes`` (name -> files), labelled ``0..`` in the order of ``names``."""
+    names = list(classes) if names is None else list(names)
+    keys, labels = [], []
+    for label, name in enumerate(names):
+        keys += [str(path) for path in classes[name]]
+        labels += [label] * len(classes[name])
+    return FileImages(keys, labels, {label: prefix + name for label, name in enumerate(names)}, transform)
+
+
+class ImageFolderDataModule(EpisodicDataModule):
+    """Few-shot tasks from your own images, one folder per class.
+
+    A class is any folder that directly holds images (png, jpg, bmp, gif, tif, webp, ppm, pgm), at any
+    depth: ``root/cat/*.jpg``, or ``root/<Alphabet>/<character>/*.png`` (class ``Alphabet/character``).
+    Either one ``root`` whose classes are split into train/val/test by ``fractions`` (shuffled with
+    ``split_seed``; the split is the same on every run), or separate ``train_dir``, ``val_dir`` and
+    ``test_dir`` folders (only those of the stages you run are needed). Every image is resized to
+    ``image_size`` x ``image_size`` (aspect ratio not kept), converted to ``channels``, scaled to [0, 1],
+    optionally inverted, and normalised with ``mean``/``std`` if given.
+
+    Args:
+        root: folder of class folders to split by ``fractions``.
+        train_dir: folder of the training classes (instead of ``root``).
+        val_dir: folder of the validation classes.
+        test_dir: folder of the test classes.
+        fractions: (train, val, test) shares of the classes of ``root``; they must sum to 1.
+        split_seed: seed of the class split of ``root``.
+        image_size: height and width the images are resized to.
+        channels: 1 (grey) or 3 (RGB).
+        mean: per-channel mean to subtract after scaling to [0, 1] (``None``: no normalisation).
+        std: per-channel standard deviation to divide by.
+        invert: use ``1 - x`` (for dark drawings on white, like Omniglot).
+        augment: random crop (padding ``image_size // 8``), flip and (RGB) colour jitter on training images.
+        ways: classes per task (N).
+        shots: support images per class (K).
+        queries: query images per class (Q).
+        meta_batch_size: tasks per meta-batch (per device).
+        train_tasks_per_epoch: training tasks in one epoch.
+        val_tasks: size of the fixed validation task set.
+        test_tasks: size of the fixed test task set.
+        seed: seed of every task stream.
+        num_workers: DataLoader worker processes (they decode the images).
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for c in range(10):
+        ...     (root / f"class{c}").mkdir()
+        ...     for i in range(3):
+        ...         Image.new("RGB", (12, 12), (25 * c, 8 * i, 0)).save(root / f"class{c}" / f"{i}.png")
+        >>> dm = ImageFolderDataModule(root=str(root), image_size=8, fractions=(0.6, 0.2, 0.2), ways=2,
+        ...                            shots=1, queries=2, meta_batch_size=4, num_workers=0)
+        >>> dm.setup("fit")
+        >>> [tuple(t.shape) for t in next(iter(dm.val_dataloader()))]
+        [(4, 2, 3, 8, 8), (4, 2), (4, 4, 3, 8, 8), (4, 4)]
+    """
+
+    name = "ImageFolder"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
+        fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        split_seed: int = 0,
+        image_size: int = 84,
+        channels: int = 3,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        invert: bool = False,
+        augment: bool = False,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        meta_batch_size: int = 4,
+        train_tasks_per_epoch: int = 10_000,
+        val_tasks: int = 600,
+        test_tasks: int = 600,
+        seed: int = 0,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
+                         train_tasks_per_epoch=train_tasks_per_epoch, val_tasks=val_tasks, test_tasks=test_tasks,
+                         root=root, download=False, seed=seed, num_workers=num_workers)
+        owner = type(self).__name__
+        dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
+        if (root is None) == all(d is None for d in dirs.values()):
+            raise ValueError(f"{owner} needs either `root` (split by `fractions`) or `train_dir`/`val_dir`/`test_dir`; "
+                             f"got root={root!r}, train_dir={train_dir!r}, val_dir={val_dir!r}, test_dir={test_dir!r}.")
+        if channels not in (1, 3):
+            raise ValueError(f"{owner} `channels` must be 1 or 3; got {channels!r}.")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"{owner} `image_size` must be a positive integer; got {image_size!r}.")
+        self.split_dirs = {split: None if d is None else Path(os.path.expanduser(d)) for split, d in dirs.items()}
+        self.fractions = check_fractions(owner, fractions)
+        self.split_seed, self.image_size, self.channels, self.invert, self.augment = (
+            split_seed, image_size, channels, invert, augment)
+        self.mean, self.std = check_normalisation(owner, channels, mean, std)
+        self._classes: dict[str, dict[str, list[Path]] | None] | None = None
+
+    def transform(self, split: str) -> ImageTransform:
+        augment = None
+        if self.augment and split == "train":
+            augment = standard_augmentation(self.image_size, max(1, self.image_size // 8), color=self.channels == 3)
+        return ImageTransform(self.image_size, self.channels, self.invert, self.mean, self.std, augment)
+
+    def split_class_folders(self) -> dict[str, dict[str, list[Path]] | None]:
+        """Class name -> image files, per split."""
+        if self._classes is None:
+            self._classes = read_class_folders(self, self.root, self.split_dirs, self.fractions, self.split_seed)
+        return self._classes
+
+    def load_split(self, split: str) -> ImageSource:
+        classes = self.split_class_folders()[split]
+        if classes is None:
+            raise ValueError(f"{type(self).__name__} needs the {split} split here, but `{split}_dir` is not set; "
+                             f"set it (or use `root` with `fractions`).")
+        return file_images(classes, self.transform(split))
+
+
+def read_class_folders(module: EpisodicDataModule, root: Path | None, split_dirs: Mapping[str, Path | None],
+                       fractions: Sequence[float], split_seed: int) -> dict[str, dict[str, list[Path]] | None]:
+    """The classes of each split: ``root`` split by ``fractions``, or one folder per split (``None``: none given)."""
+    layout = "one folder per class holding its images, e.g. <root>/<class>/*.png or <root>/<group>/<class>/*.png"
+    if root is not None:
+        if not root.is_dir():
+            raise module.missing_data(f"the folder {root}", layout, "Check `root`.")
+        classes = find_class_folders(root)
+        if not classes:
+            raise module.missing_data(f"class folders with images under {root}", layout,
+                                      f"{root} holds no image files in any folder.")
+        names = split_classes(list(classes), fractions, split_seed)
+        return {split: {name: classes[name] for name in names[split]} for split in names}
+    result: dict[str, dict[str, list[Path]] | None] = {}
+    for split, folder in split_dirs.items():
+        if folder is None:
+            result[split] = None
+            continue
+        if not folder.is_dir():
+            raise module.missing_data(f"the {split} folder {folder}", layout, f"Check `{split}_dir`.")
+        result[split] = find_class_folders(folder)
+    return result
