@@ -37,6 +37,10 @@ class MetaSGDCLI(LightningCLI):
         parser.add_lightning_class_args(LearnedRateMonitor, "lr_monitor")
 
     def after_fit(self) -> None:
+        trainer, module = self.trainer, self.trainer.lightning_module
+        # A run stopped by max_steps mid-epoch may end without a validation: score the final weights.
+        if not trainer.interrupted and trainer.limit_val_batches and module.last_validated_step != trainer.global_step:
+            trainer.validate(module, datamodule=self.datamodule, verbose=False)
         _print_summary(self.trainer, "fit")
 
     def after_validate(self) -> None:

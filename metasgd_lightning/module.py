@@ -149,6 +149,7 @@ class MetaSGDLightningModule(L.LightningModule):
         })
         self.test_results: dict[str, dict[str, Tensor]] = {}
         self._last_step_end: float | None = None
+        self.last_validated_step: int | None = None  # global step of the last full validation
 
     @property
     def monitor(self) -> tuple[str, Literal["min", "max"]]:
@@ -242,6 +243,8 @@ class MetaSGDLightningModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         results = self._log_stage("val")
+        if not self.trainer.sanity_checking:
+            self.last_validated_step = self.global_step
         monitored = self.monitor[0].split("/")[1]
         if monitored in results:
             # TensorBoard's HParams view shows `hp_metric` beside the hyperparameters.

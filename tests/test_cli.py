@@ -157,3 +157,10 @@ def test_help_lists_the_meta_sgd_arguments(tmp_path):
     proc = run_cli("fit", "--help", cwd=tmp_path)
     for arg in ("--model.init_lr", "--model.inner_steps", "--model.first_order", "--model.learn_lr", "--checkpoint.monitor"):
         assert arg in proc.stdout
+
+
+def test_a_run_stopped_mid_epoch_still_reports_a_final_validation(tmp_path):
+    proc = run_cli("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "4",
+                   "--data.val_tasks", "8", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
+                   "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
+    assert "Final validation mse:" in proc.stdout
