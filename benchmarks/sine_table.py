@@ -95,6 +95,7 @@ def write_results(records: list[dict], command: str) -> None:
         f"{table(records)}\n<!-- sine_table:end -->\n"
     )
     path = REPO / "docs/results.md"
+    path.parent.mkdir(exist_ok=True)
     text = path.read_text() if path.exists() else "# Results\n\nEach section is written by the benchmark it names.\n\n"
     if "<!-- sine_table:start -->" in text:
         head, rest = text.split("<!-- sine_table:start -->", 1)
