@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .sampling import TaskIndexSampler, task_generator
+from .sampling import FixedTaskSampler, TaskIndexSampler, task_generator
 
 __all__ = ["SineDataModule", "SineTasks"]
 
@@ -120,11 +120,12 @@ class SineDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.train_tasks_per_epoch, TaskIndexSampler(self.train_tasks_per_epoch))
 
+    # Fixed task sets: under DDP each rank scores its own share, with no task padded in twice.
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_tasks)
+        return self._loader("val", self.val_tasks, FixedTaskSampler(self.val_tasks))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.test_tasks)
+        return self._loader("test", self.test_tasks, FixedTaskSampler(self.test_tasks))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.test_tasks)
+        return self._loader("test", self.test_tasks, FixedTaskSampler(self.test_tasks))

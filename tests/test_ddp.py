@@ -1,0 +1,187 @@
+"""Several processes on CPU (gloo): the same tasks, weights and metrics as one process.
+
+``meta_batch_size`` is per device: W processes with meta-batch b take the same optimiser steps, over
+the same tasks, as one process with meta-batch W * b. Each run is a real multi-process run of
+``tests/ddp_script.py`` (Lightning's DDP launcher, or torchrun for two "nodes" on loopback); every
+rank writes what it saw to ``rank{r}.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.sampling import FixedTaskSampler, TaskIndexSampler
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "ddp_script.py"
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+TIMEOUT = 150
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        env.pop(name, None)  # a launcher's variables must not leak into these runs
+    return env
+
+
+def _run(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{SCRIPT.name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _records(out: Path, world: int) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _assert_weights_close(actual: dict, expected: dict, atol: float = 1e-5) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, meta-batch 4, five steps (tasks 0-3, 4-7, 8-11 in epoch 0; 12-15, 16-19 in epoch 1)."""
+    out = tmp_path_factory.mktemp("single")
+    _run(out, "--devices", "1", "--meta-batch-size", "4", "--max-steps", "5")
+    (record,) = _records(out, 1)
+    return record
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """Two processes, meta-batch 2 each, three steps, a checkpoint after every step."""
+    out = tmp_path_factory.mktemp("ddp")
+    _run(out, "--devices", "2", "--meta-batch-size", "2", "--max-steps", "3", "--save-ckpt")
+    return out, _records(out, 2)
+
+
+# -- the samplers alone ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_train_sampler_shares_make_up_the_single_process_meta_batches(world):
+    per_device, n = 2, 24
+    single = list(TaskIndexSampler(n))
+    shares = [TaskIndexSampler(n, num_replicas=world, rank=r) for r in range(world)]
+    for s in shares:
+        s.set_epoch(1)
+    streams = [list(s) for s in shares]
+    assert all(len(s) == len(stream) == n // world for s, stream in zip(shares, streams))
+    for step in range(n // (world * per_device)):
+        together = sorted(i for stream in streams for i in stream[step * per_device:(step + 1) * per_device])
+        # epoch 1 of one process with a meta-batch of world * per_device tasks
+        assert together == [n + i for i in single[step * world * per_device:(step + 1) * world * per_device]]
+
+
+def test_fixed_sampler_splits_without_padding():
+    shares = [list(FixedTaskSampler(7, num_replicas=2, rank=r)) for r in range(2)]
+    assert shares == [[0, 2, 4, 6], [1, 3, 5]]
+    assert len(FixedTaskSampler(7, num_replicas=2, rank=1)) == 3
+    assert list(FixedTaskSampler(7)) == list(range(7))  # no process group: everything
+    with pytest.raises(ValueError, match="at least one task"):
+        list(FixedTaskSampler(2, num_replicas=3, rank=0))
+
+
+# -- real multi-process runs -------------------------------------------------------------------------
+
+
+def test_ddp_ranks_split_each_global_meta_batch(single, ddp):
+    _, ranks = ddp
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for step in range(3):
+        first, second = (r["train_tasks"][step] for r in ranks)
+        assert len(first) == len(second) == 2
+        assert not set(first) & set(second)
+        assert sorted(first + second) == sorted(single["train_tasks"][step])
+
+
+def test_ddp_gives_the_weights_of_one_process_with_the_whole_meta_batch(single, ddp):
+    _, ranks = ddp
+    for step in (1, 2, 3):
+        _assert_weights_close(ranks[0]["weights"][step], single["weights"][step])
+        _assert_weights_close(ranks[1]["weights"][step], ranks[0]["weights"][step], atol=0)  # replicas agree
+    # the comparison has teeth: three steps moved θ and α far more than the tolerance
+    moved = max((single["weights"][3][k] - single["start_weights"][k]).abs().max() for k in single["start_weights"])
+    assert moved > 1e-3
+
+
+def test_ddp_validation_counts_each_task_once(single, ddp):
+    _, ranks = ddp
+    val_tasks = [t for r in ranks for t in r["val_tasks"]]
+    assert len(val_tasks) == len(set(val_tasks)) == 7  # 4 + 3: no task repeated to even the ranks out
+    assert sorted(val_tasks) == sorted(single["val_tasks"])
+    (expected,) = single["val"]
+    for record in ranks:
+        (result,) = record["val"]
+        assert result["n"] == expected["n"] == 7
+        for key in ("mean", "ci95", "std"):
+            assert result[key] == pytest.approx(expected[key], rel=1e-12), key
+
+
+def test_ddp_checkpoint_resumes_on_one_process(tmp_path, single, ddp):
+    out, ranks = ddp
+    _run(tmp_path, "--devices", "1", "--meta-batch-size", "4", "--max-steps", "5", "--no-validate",
+         "--ckpt-path", str(out / "last.ckpt"))
+    (resumed,) = _records(tmp_path, 1)
+    assert resumed["start_step"] == 3
+    _assert_weights_close(resumed["start_weights"], ranks[0]["weights"][3], atol=0)
+    # the next steps meet the tasks, and reach the weights, of the uninterrupted single-process run
+    assert resumed["train_tasks"] == {step: single["train_tasks"][step] for step in (3, 4)}
+    _assert_weights_close(resumed["weights"][5], single["weights"][5])
+
+
+@pytest.mark.parametrize("bad_rank", [0, 1])
+def test_error_on_one_rank_ends_the_run(tmp_path, bad_rank):
+    start = time.monotonic()
+    proc = _run(tmp_path, "--devices", "2", "--meta-batch-size", "2", "--max-steps", "3", "--no-validate",
+                "--nan-rank", str(bad_rank), "--nan-step", "1", check=False)
+    assert time.monotonic() - start < TIMEOUT  # no deadlock (subprocess.run would raise on the timeout)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "InnerLoopDivergedError" in output and "training (global step 1)" in output, output[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+def test_two_nodes_on_loopback_give_the_single_process_weights(tmp_path, single):
+    port = _free_port()
+    launches = [
+        subprocess.Popen(
+            [str(TORCHRUN), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+             "--master_addr", "127.0.0.1", "--master_port", str(port),
+             str(SCRIPT), "--out", str(tmp_path), "--num-nodes", "2", "--devices", "1",
+             "--meta-batch-size", "2", "--max-steps", "3", "--no-validate"],
+            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        logs = [launch.communicate(timeout=TIMEOUT)[0] for launch in launches]
+    finally:
+        for launch in launches:
+            launch.kill()
+    assert [launch.returncode for launch in launches] == [0, 0], "\n".join(logs)[-5000:]
+    ranks = _records(tmp_path, 2)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for step in range(3):
+        assert sorted(ranks[0]["train_tasks"][step] + ranks[1]["train_tasks"][step]) == sorted(single["train_tasks"][step])
+    for record in ranks:
+        _assert_weights_close(record["weights"][3], single["weights"][3])
