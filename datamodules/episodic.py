@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from metasgd_lightning._quiet import import_learn2learn
 
-from .sampling import SPLITS, FixedTaskSampler, TaskIndexSampler, task_seed
+from .sampling import SPLITS, TaskLoaders, task_seed
 
 if TYPE_CHECKING:
     from learn2learn.data import MetaDataset
@@ -406,7 +406,7 @@ def cleanup_on_failure(what: str, artifacts: Sequence[Path], hint: str) -> Itera
 # -- the data module ------------------------------------------------------------------------------
 
 
-class EpisodicDataModule(L.LightningDataModule):
+class EpisodicDataModule(TaskLoaders, L.LightningDataModule):
     """Episodic few-shot classification: meta-batches of N-way K-shot tasks from one ``MetaDataset`` per split.
 
     Subclasses say where a split's images come from (:meth:`load_split`, returning an
@@ -520,22 +520,6 @@ class EpisodicDataModule(L.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}: split '{split}' is not loaded; call setup() first "
                                f"(the Trainer does).")
         return EpisodicTasks(self.datasets[split], split, length, self.ways, self.shots, self.queries, self.seed)
-
-    def _loader(self, split: str, length: int, sampler=None) -> DataLoader:
-        return DataLoader(self.tasks(split, length), batch_size=self.meta_batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.train_tasks_per_epoch, TaskIndexSampler(self.train_tasks_per_epoch))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_tasks, FixedTaskSampler(self.val_tasks))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.test_tasks, FixedTaskSampler(self.test_tasks))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.test_tasks, FixedTaskSampler(self.test_tasks))
 
     # -- helpers for subclasses -------------------------------------------------------------------
 

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["SPLITS", "task_seed", "task_generator", "TaskIndexSampler", "FixedTaskSampler"]
+__all__ = ["SPLITS", "task_seed", "task_generator", "TaskIndexSampler", "FixedTaskSampler", "TaskLoaders"]
 
 SPLITS = ("train", "val", "test")
 
@@ -141,3 +141,29 @@ class FixedTaskSampler(_RankShare):
     def __len__(self) -> int:
         world, rank = self._check_world()
         return len(range(rank, self.num_tasks, world))
+
+
+class TaskLoaders:
+    """The DataLoaders of an episodic data module, built from its ``tasks(split, length)``.
+
+    Training meets new tasks every epoch (:class:`TaskIndexSampler`); validation, test and prediction
+    use the fixed task sets (:class:`FixedTaskSampler`). Under DDP both give each rank its own share,
+    so Lightning does not wrap them. Needs the attributes ``meta_batch_size``, ``num_workers``,
+    ``train_tasks_per_epoch``, ``val_tasks`` and ``test_tasks``.
+    """
+
+    def _loader(self, split: str, length: int, sampler: DistributedSampler) -> DataLoader:
+        return DataLoader(self.tasks(split, length), batch_size=self.meta_batch_size, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.train_tasks_per_epoch, TaskIndexSampler(self.train_tasks_per_epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_tasks, FixedTaskSampler(self.val_tasks))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.test_tasks, FixedTaskSampler(self.test_tasks))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.test_tasks, FixedTaskSampler(self.test_tasks))

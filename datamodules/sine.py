@@ -7,9 +7,9 @@ import math
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .sampling import FixedTaskSampler, TaskIndexSampler, task_generator
+from .sampling import TaskLoaders, task_generator
 
 __all__ = ["SineDataModule", "SineTasks"]
 
@@ -53,7 +53,7 @@ class SineTasks(Dataset):
         return x[: self.shots], y[: self.shots], x[self.shots :], y[self.shots :]
 
 
-class SineDataModule(L.LightningDataModule):
+class SineDataModule(TaskLoaders, L.LightningDataModule):
     """Few-shot sine regression (Finn et al. 2017; Li et al. 2017).
 
     Each task is y = A sin(x − φ) with A ~ U[0.1, 5.0] and φ ~ U[0, π]; inputs x ~ U[−5, 5]. A task
@@ -112,20 +112,3 @@ class SineDataModule(L.LightningDataModule):
     def tasks(self, split: str, length: int) -> SineTasks:
         """The task set of ``split`` (``"train"``, ``"val"`` or ``"test"``) with ``length`` tasks."""
         return SineTasks(split, length, self.shots, self.queries, self.seed, **self.ranges)
-
-    def _loader(self, split: str, length: int, sampler=None) -> DataLoader:
-        return DataLoader(self.tasks(split, length), batch_size=self.meta_batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.train_tasks_per_epoch, TaskIndexSampler(self.train_tasks_per_epoch))
-
-    # Fixed task sets: under DDP each rank scores its own share, with no task padded in twice.
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.val_tasks, FixedTaskSampler(self.val_tasks))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.test_tasks, FixedTaskSampler(self.test_tasks))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.test_tasks, FixedTaskSampler(self.test_tasks))
