@@ -11,6 +11,8 @@ Images are decoded inside ``Dataset.__getitem__``, that is in the DataLoader's w
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import copy
 import os
@@ -149,7 +151,7 @@ def standard_augmentation(image_size: int, padding: int, color: bool) -> Callabl
     return v2.Compose(steps)
 
 
-class ImageSource(Dataset):
+class ImageSource(Dataset, abc.ABC):
     """The labelled images of one split, whose labels are known without decoding any image.
 
     Item ``i`` is ``(image tensor, label)``; the image is decoded when the item is read (in a DataLoader
@@ -172,8 +174,9 @@ class ImageSource(Dataset):
         self.turns: list[int] | None = None  # quarter turns per item (rotated classes)
         self.transform = transform
 
+    @abc.abstractmethod
     def read(self, key: Any) -> Image.Image:
-        raise NotImplementedError
+        """The stored image ``key``, undecoded beyond PIL's opening."""
 
     def describe(self, key: Any) -> str:
         return str(key)
@@ -406,7 +409,7 @@ def cleanup_on_failure(what: str, artifacts: Sequence[Path], hint: str) -> Itera
 # -- the data module ------------------------------------------------------------------------------
 
 
-class EpisodicDataModule(TaskLoaders, L.LightningDataModule):
+class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
     """Episodic few-shot classification: meta-batches of N-way K-shot tasks from one ``MetaDataset`` per split.
 
     Subclasses say where a split's images come from (:meth:`load_split`, returning an
@@ -479,9 +482,9 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule):
 
     # -- for subclasses ---------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def load_split(self, split: str) -> ImageSource:
         """The images of ``split`` (``"train"``, ``"val"`` or ``"test"``), with their transform."""
-        raise NotImplementedError(f"{type(self).__name__} must implement load_split(split).")
 
     # -- Lightning hooks --------------------------------------------------------------------------
 
