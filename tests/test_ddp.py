@@ -143,6 +143,14 @@ def test_ddp_checkpoint_resumes_on_one_process(tmp_path, single, ddp):
     _assert_weights_close(resumed["weights"][5], single["weights"][5])
 
 
+def test_ddp_with_a_backward_per_task_gives_the_same_weights(tmp_path, single):
+    # Each rank backpropagates task by task; only its last backward of a step all-reduces (DDP no_sync).
+    _run(tmp_path, "--devices", "2", "--meta-batch-size", "2", "--max-steps", "3", "--no-validate",
+         "--tasks-per-backward", "1")
+    for record in _records(tmp_path, 2):
+        _assert_weights_close(record["weights"][3], single["weights"][3])
+
+
 @pytest.mark.parametrize("bad_rank", [0, 1])
 def test_error_on_one_rank_ends_the_run(tmp_path, bad_rank):
     start = time.monotonic()

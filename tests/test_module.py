@@ -44,6 +44,17 @@ def test_training_step_updates_theta_and_alpha_with_manual_optimisation(tmp_path
     assert any(k.startswith("lrs.") for k in changed) and any(k.startswith("model.") for k in changed)
 
 
+def test_a_backward_per_chunk_of_tasks_gives_the_same_meta_gradient(tmp_path):
+    weights = []
+    for tasks_per_backward in (None, 3):  # 8 tasks: chunks of 3, 3 and 2
+        torch.manual_seed(0)
+        module = _sine_module(tasks_per_backward=tasks_per_backward)
+        _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, _sine_data())
+        weights.append(module.meta_learner.state_dict())
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_maml_keeps_its_fixed_rate(tmp_path):
     module = _sine_module().__class__(SineMLP(), task="regression", init_lr=0.01, learn_lr=False)
     _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, _sine_data())
@@ -94,11 +105,13 @@ class _NaNSineData(SineDataModule):
             yield sx, sy, qx, qy
 
 
-def test_nan_in_the_inner_loop_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("tasks_per_backward", [None, 1])
+def test_nan_in_the_inner_loop_stops_training_and_keeps_the_last_checkpoint(tmp_path, tasks_per_backward):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     trainer = _trainer(tmp_path, max_steps=10, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoint])
+    # task 1 of the meta-batch, also when the batch is adapted one task at a time
     with pytest.raises(InnerLoopDivergedError, match=r"training \(global step 3\).*inner step 0 of task 1"):
-        trainer.fit(_sine_module(), _NaNSineData(bad_batch=3, **dict(meta_batch_size=4, train_tasks_per_epoch=40)))
+        trainer.fit(_sine_module(tasks_per_backward=tasks_per_backward), _NaNSineData(bad_batch=3, **dict(meta_batch_size=4, train_tasks_per_epoch=40)))
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
@@ -182,6 +195,7 @@ def test_classification_needs_integer_labels():
         (dict(init_lr=float("inf")), "`init_lr` must be finite"),
         (dict(vectorize="gpu"), "`vectorize` must be"),
         (dict(gradient_clip_val=-1.0), "`gradient_clip_val` must be positive"),
+        (dict(tasks_per_backward=0), "`tasks_per_backward` must be a positive integer or None; got 0"),
     ],
 )
 def test_bad_module_arguments_are_named(kwargs, message):
