@@ -7,6 +7,7 @@ loss L_query(θ') backpropagates into both θ and α. This module holds the math
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -362,7 +363,8 @@ class MetaSGD(nn.Module):
         """``steps`` updates from θ; returns the fast weights and the support loss before each step."""
         fast, losses = self._initial_fast_weights(), []
         for step in range(steps):
-            grads, loss = grad_fn(fast, x, y, loss_fn, first_order)
+            with _float32_under_float16_autocast(x.device.type):
+                grads, loss = grad_fn(fast, x, y, loss_fn, first_order)
             fast = self._sgd_step(fast, grads, step)
             losses.append(loss.detach())
             if on_step is not None:
@@ -389,6 +391,18 @@ class MetaSGD(nn.Module):
         if step_weights is not None:
             query_loss = (step_weights * torch.stack([*intermediate, query_loss])).sum()
         return query_loss, query_output, torch.stack(support_losses)
+
+
+def _float32_under_float16_autocast(device_type: str):
+    """Run the support pass and its gradient in float32 when float16 autocast is on (``16-mixed``).
+
+    The inner-loop gradient is taken with ``torch.autograd.grad``/``torch.func``, outside the loss
+    scaler that protects the meta-gradient, so float16 would flush its small entries to zero without
+    a word. bfloat16 has float32's exponent range and keeps running in bfloat16.
+    """
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _require_autograd() -> None:

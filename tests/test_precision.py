@@ -1,4 +1,5 @@
-"""Lightning precision settings on CPU: ``bf16-mixed`` trains, ``64-true`` gives exact meta-gradients."""
+"""Lightning precision settings on CPU: ``bf16-mixed`` and ``16-mixed`` train (the float16 inner loop
+without underflow), ``64-true`` gives exact meta-gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules import SineDataModule
-from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
+from metasgd_lightning import ConvNet4, MetaSGD, MetaSGDLightningModule, SineMLP
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
@@ -119,3 +120,36 @@ def test_64_true_meta_gradient_matches_a_hand_written_double_computation(tmp_pat
     for name in expected:
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
     assert any(expected[n].abs().max() > 1e-3 for n in expected if n.startswith("lrs."))  # α gets a real gradient
+
+
+@pytest.mark.parametrize("vectorize", ["loop", "vmap"])
+def test_float16_autocast_does_not_flush_the_inner_gradient_to_zero(vectorize):
+    # A loss this small has gradients below float16's range: taken in float16 they are all zero, and the
+    # inner step would silently not move. The inner loop takes them in float32 (and α is large enough
+    # here that the step shows in float32 weights).
+    torch.manual_seed(0)
+    meta = MetaSGD(SineMLP(), init_lr=1e7)
+    tiny = lambda output, target: 1e-9 * ((output - target) ** 2).mean()  # noqa: E731
+    sx, sy, qx, qy = torch.randn(2, 10, 1), torch.randn(2, 10, 1), torch.randn(2, 5, 1), torch.randn(2, 5, 1)
+    with torch.autocast("cpu", dtype=torch.float16):
+        naive = torch.autograd.grad(tiny(meta(sx[0]), sy[0]), list(meta.model.parameters()))
+        half = meta.adapt_tasks(sx, sy, qx, qy, tiny, 1, vectorize=vectorize, first_order=True)
+    assert all((g == 0).all() for g in naive)  # what plain float16 gives
+    full = meta.adapt_tasks(sx, sy, qx, qy, tiny, 1, vectorize=vectorize, first_order=True)
+    if vectorize == "loop":  # the query pass still runs under autocast (torch.func's vmap runs it in float32 on CPU)
+        assert half.query_output.dtype == torch.float16
+    unadapted = torch.stack([meta(x) for x in qx]).detach()
+    assert (full.query_output - unadapted).abs().max() > 0.01  # the inner step moved the predictions
+    torch.testing.assert_close(half.query_output.float(), full.query_output, rtol=2e-3, atol=2e-3)
+
+
+def test_16_mixed_trains_with_finite_loss(tmp_path):
+    capture = Capture()
+    module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1))
+    before = {n: p.detach().clone() for n, p in module.meta_learner.named_parameters()}
+    trainer = _trainer(tmp_path, [capture], precision="16-mixed", max_steps=3)
+    trainer.fit(module, datamodule=SineDataModule(meta_batch_size=4, train_tasks_per_epoch=40, val_tasks=4))
+    assert trainer.global_step == 3 and all(math.isfinite(v) for v in capture.losses), capture.losses
+    after = dict(module.meta_learner.named_parameters())
+    assert all(p.dtype == torch.float32 for p in after.values())
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("lrs."))
