@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .episodic import ImageTransform
+from .sampling import FixedTaskSampler
 
 __all__ = ["OmniglotOneShotDataModule", "PUBLISHED_ERROR_RATES"]
 
@@ -132,6 +133,8 @@ class OmniglotOneShotDataModule(L.LightningDataModule):
         from PIL.Image import Resampling
 
         transform = ImageTransform(self.image_size, channels=1, invert=self.invert, resample=Resampling.LANCZOS)
-        return DataLoader(_Runs(self.runs, transform), batch_size=self.meta_batch_size, num_workers=self.num_workers)
+        # Under DDP each run is scored on exactly one device (Lightning's sampler would pad by repeating runs).
+        return DataLoader(_Runs(self.runs, transform), batch_size=self.meta_batch_size, num_workers=self.num_workers,
+                          sampler=FixedTaskSampler(len(self.runs)))
 
     predict_dataloader = test_dataloader
