@@ -16,7 +16,6 @@ benchmarks/results/sine_table.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._results import write_results  # noqa: E402
 from datamodules import SineDataModule  # noqa: E402
 from metasgd_lightning import MetaSGDLightningModule, SineMLP  # noqa: E402
 from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
@@ -83,26 +83,15 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(records: list[dict], command: str) -> None:
-    (REPO / "benchmarks/results").mkdir(parents=True, exist_ok=True)
-    (REPO / "benchmarks/results/sine_table.json").write_text(json.dumps(records, indent=2) + "\n")
-    section = (
-        "<!-- sine_table:start -->\n## Sine regression: Meta-SGD against MAML\n\n"
+def section(records: list[dict], command: str) -> str:
+    return (
+        "## Sine regression: Meta-SGD against MAML\n\n"
         f"Command: `{command}` (CPU, {torch.get_num_threads()} threads). Test MSE over the same fixed "
         f"{TEST_TASKS} tasks ({QUERIES} query points each), mean ± 1.96·std/√n. Training: meta-batch {META_BATCH}, "
         "Adam 1e-3, one inner step; Meta-SGD α ~ U[0.005, 0.1], MAML α = 0.01. The option rows are Meta-SGD "
         f"at 5 shots with {OPTION_STEPS} inner steps, each MAML++ option alone against `none (3 steps)`.\n\n"
-        f"{table(records)}\n<!-- sine_table:end -->\n"
+        f"{table(records)}\n"
     )
-    path = REPO / "docs/results.md"
-    path.parent.mkdir(exist_ok=True)
-    text = path.read_text() if path.exists() else "# Results\n\nEach section is written by the benchmark it names.\n\n"
-    if "<!-- sine_table:start -->" in text:
-        head, rest = text.split("<!-- sine_table:start -->", 1)
-        text = head + section + rest.split("<!-- sine_table:end -->\n", 1)[1]
-    else:
-        text += "\n" + section
-    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                     for name, extra in options(iterations).items()]
     print("\n" + table(records))
     command = "python benchmarks/sine_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    write_results(records, command.strip())
+    write_results("sine_table", records, section(records, command.strip()))
 
 
 if __name__ == "__main__":
