@@ -13,7 +13,7 @@ from .episodic import (
     ImageSource,
     cleanup_on_failure,
 )
-from .imagenet import MODES, ZENODO, check_rgb_options, rgb_transform, unreadable
+from .imagenet import MODES, ZENODO, unreadable
 from .sampling import SPLITS
 
 __all__ = ["CIFARFSDataModule", "FC100DataModule"]
@@ -80,7 +80,7 @@ class CIFARFSDataModule(EpisodicDataModule):
         super().__init__(ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
                          train_tasks_per_epoch=train_tasks_per_epoch, val_tasks=val_tasks, test_tasks=test_tasks,
                          root=root, download=download, seed=seed, num_workers=num_workers)
-        check_rgb_options(self, image_size, augment, mean, std)
+        self.set_image_options(image_size, augment=augment, mean=mean, std=std, padding=4)
 
     @property
     def raw(self) -> Path:
@@ -146,7 +146,7 @@ class CIFARFSDataModule(EpisodicDataModule):
         l2l = import_learn2learn()
         data = l2l.vision.datasets.CIFARFS(root=str(self.root), mode=MODES[split], download=False)
         class_names = dict(enumerate(data.classes))
-        return DatasetImages(data, data.targets, class_names, rgb_transform(self, split, padding=4),
+        return DatasetImages(data, data.targets, class_names, self.transform(split),
                              paths=[path for path, _ in data.samples])
 
 
@@ -210,7 +210,7 @@ class FC100DataModule(EpisodicDataModule):
         super().__init__(ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
                          train_tasks_per_epoch=train_tasks_per_epoch, val_tasks=val_tasks, test_tasks=test_tasks,
                          root=root, download=download, seed=seed, num_workers=num_workers)
-        check_rgb_options(self, image_size, augment, mean, std)
+        self.set_image_options(image_size, augment=augment, mean=mean, std=std, padding=4)
 
     def pickle_path(self, split: str) -> Path:
         return self.root / f"FC100_{split}.pickle"
@@ -250,4 +250,4 @@ class FC100DataModule(EpisodicDataModule):
             raise unreadable(path, "an FC100 pickle", error, deleted=self.download) from error
         labels = [int(label) for label in data.labels]
         class_names = {label: f"CIFAR-100 class {label}" for label in set(labels)}
-        return DatasetImages(data, labels, class_names, rgb_transform(self, split, padding=4), origin=str(path))
+        return DatasetImages(data, labels, class_names, self.transform(split), origin=str(path))

@@ -120,6 +120,19 @@ class ImageTransform:
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
+    def __repr__(self) -> str:
+        # Only what differs from the defaults, so that two printed transforms are easy to compare.
+        parts = [f"image_size={self.image_size}", f"channels={self.channels}"]
+        if self.invert:
+            parts.append("invert=True")
+        if self.mean is not None:
+            parts.append(f"mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())}")
+        if self.augment is not None:
+            parts.append(f"augment={self.augment!r}")
+        if self.resample != Image.Resampling.BILINEAR:
+            parts.append(f"resample={Image.Resampling(self.resample).name}")
+        return f"ImageTransform({', '.join(parts)})"
+
     def __call__(self, image: Image.Image) -> Tensor:
         image = image.convert("L" if self.channels == 1 else "RGB")
         size = self.image_size
@@ -413,11 +426,13 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
     """Episodic few-shot classification: meta-batches of N-way K-shot tasks from one ``MetaDataset`` per split.
 
     Subclasses say where a split's images come from (:meth:`load_split`, returning an
-    :class:`ImageSource`); this class checks the split, wraps it in a learn2learn ``MetaDataset`` and
-    serves tasks (:class:`EpisodicTasks`). Training tasks are a pure function of ``(seed, global task
-    index)``; each epoch meets new ones (``TaskIndexSampler``). Validation and test use the fixed tasks
-    ``0..n-1`` (``FixedTaskSampler``), identical on every run. Under DDP both samplers give each rank a
-    disjoint share of the global indices (see :mod:`datamodules.sampling`). A batch is
+    :class:`ImageSource`) and how they are preprocessed (:meth:`set_image_options` in ``__init__``;
+    :meth:`transform` then gives a split's :class:`ImageTransform` the same way in every data module);
+    this class checks the split, wraps it in a learn2learn ``MetaDataset`` and serves tasks
+    (:class:`EpisodicTasks`). Training tasks are a pure function of ``(seed, global task index)``; each
+    epoch meets new ones (``TaskIndexSampler``). Validation and test use the fixed tasks ``0..n-1``
+    (``FixedTaskSampler``), identical on every run. Under DDP both samplers give each rank a disjoint
+    share of the global indices (see :mod:`datamodules.sampling`). A batch is
     ``(support_x [T, N*K, C, H, W], support_y [T, N*K], query_x [T, N*Q, C, H, W], query_y [T, N*Q])``
     with ``T = meta_batch_size`` and labels ``0..N-1``; images are decoded in the DataLoader's workers.
 
@@ -436,10 +451,13 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
 
     Example:
         >>> class Noise(EpisodicDataModule):  # 10 classes of 4 random 8x8 images
+        ...     def __init__(self, **kwargs):
+        ...         super().__init__(**kwargs)
+        ...         self.set_image_options(image_size=8, channels=1)
         ...     def load_split(self, split):
         ...         images = torch.rand(40, 8, 8).mul(255).byte().numpy()
         ...         return ArrayImages(images, [i // 4 for i in range(40)], {c: str(c) for c in range(10)},
-        ...                            transform=ImageTransform(8, channels=1))
+        ...                            transform=self.transform(split))
         >>> dm = Noise(ways=3, shots=1, queries=2, meta_batch_size=2, num_workers=0)
         >>> dm.setup("fit")
         >>> [tuple(t.shape) for t in next(iter(dm.train_dataloader()))]
@@ -485,6 +503,62 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
     @abc.abstractmethod
     def load_split(self, split: str) -> ImageSource:
         """The images of ``split`` (``"train"``, ``"val"`` or ``"test"``), with their transform."""
+
+    def set_image_options(self, image_size: int, channels: int = 3, invert: bool = False,
+                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                          augment: bool = False, padding: int | None = None,
+                          resample: int = Image.Resampling.BILINEAR) -> None:
+        """Check and store the preprocessing options that :meth:`transform` reads (call it in ``__init__``).
+
+        Args:
+            image_size: height and width the images are resized to.
+            channels: 1 (grey) or 3 (RGB).
+            invert: use ``1 - x``.
+            mean: per-channel mean to subtract after scaling to [0, 1] (``None``: no normalisation).
+            std: per-channel standard deviation to divide by.
+            augment: random crop, flip and (RGB) colour jitter on training images.
+            padding: zero padding of the random crop (``None``: ``image_size // 8``, at least 1).
+            resample: PIL resampling filter of the resize.
+
+        Raises:
+            ValueError: an option out of range, naming it and the value given.
+        """
+        owner = type(self).__name__
+        self.image_size = check_int(owner, "image_size", image_size)
+        if channels not in (1, 3):
+            raise ValueError(f"{owner} `channels` must be 1 or 3; got {channels!r}.")
+        self.channels, self.invert, self.augment, self.resample = channels, invert, augment, resample
+        self.padding = max(1, image_size // 8) if padding is None else padding
+        self.mean, self.std = check_normalisation(owner, channels, mean, std)
+
+    def transform(self, split: str) -> ImageTransform:
+        """The preprocessing of ``split``'s images: PIL image -> float tensor ``[channels, image_size, image_size]``.
+
+        Only ``"train"`` is augmented (if ``augment``); ``"val"`` and ``"test"`` give the deterministic
+        preprocessing that a trained model expects of new images too (see
+        :func:`metasgd_lightning.inference.adapt_to_folder`).
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Raises:
+            ValueError: an unknown split.
+            NotImplementedError: the subclass neither called :meth:`set_image_options` nor overrode this.
+
+        Example:
+            >>> from datamodules import OmniglotDataModule
+            >>> OmniglotDataModule(image_size=28).transform("test")
+            ImageTransform(image_size=28, channels=1, invert=True, resample=LANCZOS)
+        """
+        if split not in SPLITS:
+            raise ValueError(f"{type(self).__name__}.transform: unknown split {split!r}; expected one of {SPLITS}.")
+        if not hasattr(self, "image_size"):
+            raise NotImplementedError(f"{type(self).__name__} does not describe its preprocessing: call "
+                                      "self.set_image_options(...) in __init__, or override transform().")
+        augment = None
+        if self.augment and split == "train":
+            augment = standard_augmentation(self.image_size, self.padding, color=self.channels == 3)
+        return ImageTransform(self.image_size, self.channels, self.invert, self.mean, self.std, augment, self.resample)
 
     # -- Lightning hooks --------------------------------------------------------------------------
 

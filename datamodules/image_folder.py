@@ -10,14 +10,7 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 
-from .episodic import (
-    EpisodicDataModule,
-    ImageSource,
-    ImageTransform,
-    check_fractions,
-    check_normalisation,
-    standard_augmentation,
-)
+from .episodic import EpisodicDataModule, ImageSource, check_fractions
 
 __all__ = ["FileImages", "ImageFolderDataModule", "find_class_folders", "split_classes"]
 
@@ -153,22 +146,11 @@ class ImageFolderDataModule(EpisodicDataModule):
         if (root is None) == all(d is None for d in dirs.values()):
             raise ValueError(f"{owner} needs either `root` (split by `fractions`) or `train_dir`/`val_dir`/`test_dir`; "
                              f"got root={root!r}, train_dir={train_dir!r}, val_dir={val_dir!r}, test_dir={test_dir!r}.")
-        if channels not in (1, 3):
-            raise ValueError(f"{owner} `channels` must be 1 or 3; got {channels!r}.")
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"{owner} `image_size` must be a positive integer; got {image_size!r}.")
+        self.set_image_options(image_size, channels, invert, mean=mean, std=std, augment=augment)
         self.split_dirs = {split: None if d is None else Path(os.path.expanduser(d)) for split, d in dirs.items()}
         self.fractions = check_fractions(owner, fractions)
-        self.split_seed, self.image_size, self.channels, self.invert, self.augment = (
-            split_seed, image_size, channels, invert, augment)
-        self.mean, self.std = check_normalisation(owner, channels, mean, std)
+        self.split_seed = split_seed
         self._classes: dict[str, dict[str, list[Path]] | None] | None = None
-
-    def transform(self, split: str) -> ImageTransform:
-        augment = None
-        if self.augment and split == "train":
-            augment = standard_augmentation(self.image_size, max(1, self.image_size // 8), color=self.channels == 3)
-        return ImageTransform(self.image_size, self.channels, self.invert, self.mean, self.std, augment)
 
     def split_class_folders(self) -> dict[str, dict[str, list[Path]] | None]:
         """Class name -> image files, per split."""

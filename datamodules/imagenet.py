@@ -7,18 +7,7 @@ from pathlib import Path
 
 from metasgd_lightning._quiet import import_learn2learn
 
-from .episodic import (
-    ArrayImages,
-    DatasetImages,
-    EpisodicDataModule,
-    ImageSource,
-    ImageTransform,
-    check_int,
-    check_normalisation,
-    cleanup_on_failure,
-    describe_bad_file,
-    standard_augmentation,
-)
+from .episodic import ArrayImages, DatasetImages, EpisodicDataModule, ImageSource, cleanup_on_failure, describe_bad_file
 from .sampling import SPLITS
 
 __all__ = ["MiniImageNetDataModule", "TieredImageNetDataModule"]
@@ -26,21 +15,6 @@ __all__ = ["MiniImageNetDataModule", "TieredImageNetDataModule"]
 # learn2learn's names of the splits.
 MODES = {"train": "train", "val": "validation", "test": "test"}
 ZENODO = "https://zenodo.org/record/7978538"
-
-
-def rgb_transform(owner: EpisodicDataModule, split: str, padding: int) -> ImageTransform:
-    """The image transform of an RGB benchmark: resize, optional augmentation (training only), normalisation."""
-    augment = None
-    if owner.augment and split == "train":
-        augment = standard_augmentation(owner.image_size, padding, color=True)
-    return ImageTransform(owner.image_size, channels=3, mean=owner.mean, std=owner.std, augment=augment)
-
-
-def check_rgb_options(owner: EpisodicDataModule, image_size: int, augment: bool, mean, std) -> None:
-    """Check and store ``image_size``, ``augment``, ``mean`` and ``std``."""
-    owner.image_size = check_int(type(owner).__name__, "image_size", image_size)
-    owner.augment = augment
-    owner.mean, owner.std = check_normalisation(type(owner).__name__, 3, mean, std)
 
 
 def unreadable(path: Path, what: str, error: Exception, deleted: bool) -> RuntimeError:
@@ -112,7 +86,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         super().__init__(ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
                          train_tasks_per_epoch=train_tasks_per_epoch, val_tasks=val_tasks, test_tasks=test_tasks,
                          root=root, download=download, seed=seed, num_workers=num_workers)
-        check_rgb_options(self, image_size, augment, mean, std)
+        self.set_image_options(image_size, augment=augment, mean=mean, std=std, padding=8)
 
     def pickle_path(self, split: str) -> Path:
         return self.root / f"mini-imagenet-cache-{MODES[split]}.pkl"
@@ -153,7 +127,7 @@ class MiniImageNetDataModule(EpisodicDataModule):
         # Keep learn2learn's uint8 array, not its float32 copy of every image (4x the memory).
         images = data.data["image_data"]
         del data
-        return ArrayImages(images, labels, names, rgb_transform(self, split, padding=8), origin=str(path))
+        return ArrayImages(images, labels, names, self.transform(split), origin=str(path))
 
 
 class TieredImageNetDataModule(EpisodicDataModule):
@@ -216,7 +190,7 @@ class TieredImageNetDataModule(EpisodicDataModule):
         super().__init__(ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
                          train_tasks_per_epoch=train_tasks_per_epoch, val_tasks=val_tasks, test_tasks=test_tasks,
                          root=root, download=download, seed=seed, num_workers=num_workers)
-        check_rgb_options(self, image_size, augment, mean, std)
+        self.set_image_options(image_size, augment=augment, mean=mean, std=std, padding=8)
 
     @property
     def folder(self) -> Path:
@@ -265,4 +239,4 @@ class TieredImageNetDataModule(EpisodicDataModule):
         labels = [int(label) for label in data.labels]
         class_names = {label: str(names[label]) if names is not None and label < len(names) else str(label)
                        for label in set(labels)}
-        return DatasetImages(data, labels, class_names, rgb_transform(self, split, padding=8), origin=str(images_path))
+        return DatasetImages(data, labels, class_names, self.transform(split), origin=str(images_path))

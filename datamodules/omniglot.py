@@ -11,7 +11,7 @@ from PIL import Image
 
 from metasgd_lightning._quiet import import_learn2learn
 
-from .episodic import EpisodicDataModule, ImageSource, ImageTransform, check_fractions, cleanup_on_failure
+from .episodic import EpisodicDataModule, ImageSource, check_fractions, cleanup_on_failure
 from .image_folder import file_images, read_class_folders, split_classes
 
 __all__ = ["OmniglotDataModule"]
@@ -130,13 +130,13 @@ class OmniglotDataModule(EpisodicDataModule):
         owner = type(self).__name__
         if layout not in ("auto", "learn2learn", "folder"):
             raise ValueError(f"{owner} `layout` must be 'auto', 'learn2learn' or 'folder'; got {layout!r}.")
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"{owner} `image_size` must be a positive integer; got {image_size!r}.")
+        # Lanczos, as learn2learn's and MAML's Omniglot; no pixel augmentation (rotations are new classes).
+        self.set_image_options(image_size, channels=1, invert=invert, resample=Image.Resampling.LANCZOS)
         self.layout = layout
         self.split_dirs = {split: None if d is None else Path(os.path.expanduser(d))
                            for split, d in (("train", train_dir), ("val", val_dir), ("test", test_dir))}
         self.fractions = BENCHMARK_FRACTIONS if fractions is None else check_fractions(owner, fractions)
-        self.split_seed, self.image_size, self.rotations, self.invert = split_seed, image_size, rotations, invert
+        self.split_seed, self.rotations = split_seed, rotations
         self._classes: dict[str, dict[str, list[Path]] | None] | None = None
 
     # -- where the data is ------------------------------------------------------------------------
@@ -217,7 +217,5 @@ class OmniglotDataModule(EpisodicDataModule):
         classes = self.split_class_folders()[split]
         if classes is None:
             raise ValueError(f"{type(self).__name__} needs the {split} split here, but `{split}_dir` is not set.")
-        transform = ImageTransform(self.image_size, channels=1, invert=self.invert,
-                                   resample=Image.Resampling.LANCZOS)
-        source = file_images(classes, transform)
+        source = file_images(classes, self.transform(split))
         return source.with_rotations() if self.rotations and split == "train" else source

@@ -433,6 +433,62 @@ def test_unreadable_image_names_the_file(tmp_path):
             list(loader)
 
 
+# -- preprocessing --------------------------------------------------------------------------------
+
+NORMALISED = dict(mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+
+
+@pytest.mark.parametrize("make, channels, invert, padding, mean", [
+    (lambda r: OmniglotDataModule(root=r, image_size=12), 1, True, None, None),
+    (lambda r: ImageFolderDataModule(root=r, image_size=16, channels=1, augment=True), 1, False, 2, None),
+    (lambda r: MiniImageNetDataModule(root=r, augment=True, **NORMALISED), 3, False, 8, NORMALISED["mean"]),
+    (lambda r: TieredImageNetDataModule(root=r, augment=True, **NORMALISED), 3, False, 8, NORMALISED["mean"]),
+    (lambda r: CIFARFSDataModule(root=r, augment=True), 3, False, 4, None),
+    (lambda r: FC100DataModule(root=r, **NORMALISED), 3, False, None, NORMALISED["mean"]),
+])
+def test_every_image_data_module_gives_its_preprocessing_per_split(tmp_path, make, channels, invert, padding, mean):
+    dm = make(str(tmp_path))
+    for split in ("train", "val", "test"):
+        transform = dm.transform(split)
+        assert (transform.image_size, transform.channels, transform.invert) == (dm.image_size, channels, invert)
+        assert (None if transform.mean is None else tuple(transform.mean.flatten().tolist())) == pytest.approx(mean)
+        # Only training images are augmented: a trained model is evaluated, and used, on the plain ones.
+        augmented = split == "train" and padding is not None
+        assert (transform.augment is not None) == augmented
+        if augmented:
+            assert transform.augment.transforms[0].padding == [padding] * 4
+    with pytest.raises(ValueError, match="unknown split 'validation'; expected one of"):
+        dm.transform("validation")
+
+
+def test_loaded_images_are_preprocessed_by_the_modules_transform(tmp_path, omniglot_root):
+    from PIL import Image
+
+    modules = [omniglot(omniglot_root, image_size=12),
+               ImageFolderDataModule(root=str(fx.image_folder(tmp_path / "folder")), image_size=6, channels=1,
+                                     fractions=(0.5, 0.25, 0.25), **SMALL),
+               MiniImageNetDataModule(root=str(fx.mini_imagenet(tmp_path / "mini")), image_size=8, **SMALL)]
+    for dm in modules:
+        dm.setup("test")
+        source = dm.sources["test"]
+        assert torch.equal(source[1][0], dm.transform("test")(source.read(source.keys[1]))), type(dm).__name__
+    # Omniglot's, written out: grey, Lanczos resize, scaled to [0, 1], inverted.
+    path = modules[0].sources["test"].keys[0]
+    resized = Image.open(path).convert("L").resize((12, 12), Image.Resampling.LANCZOS)
+    pixels = 1.0 - torch.tensor(list(resized.getdata()), dtype=torch.float32).view(1, 12, 12) / 255.0
+    torch.testing.assert_close(modules[0].transform("test")(Image.open(path)), pixels)
+
+
+def test_a_data_module_that_does_not_describe_its_preprocessing_is_named():
+    class Plain(EpisodicDataModule):
+        def load_split(self, split):
+            raise AssertionError("not reached")
+
+    with pytest.raises(NotImplementedError, match="Plain does not describe its preprocessing: call "
+                                                  r"self.set_image_options\(...\) in __init__"):
+        Plain(root=None).transform("test")
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda r: OmniglotDataModule(root=r, ways=1), "`ways` must be an integer >= 2; got 1"),
     (lambda r: OmniglotDataModule(root=r, shots=0), "`shots` must be an integer >= 1; got 0"),
@@ -444,6 +500,8 @@ def test_unreadable_image_names_the_file(tmp_path):
     (lambda r: ImageFolderDataModule(root=r, mean=(0.5,), std=(1.0,)), "one value per channel \\(3\\)"),
     (lambda r: ImageFolderDataModule(), "needs either `root`"),
     (lambda r: MiniImageNetDataModule(root=r, image_size=0), "`image_size` must be an integer >= 1"),
+    (lambda r: OmniglotDataModule(root=r, image_size=0), "OmniglotDataModule `image_size` must be an integer >= 1"),
+    (lambda r: CIFARFSDataModule(root=r, mean=(0.5,), std=(1.0,)), "CIFARFSDataModule `mean` and `std` must have one"),
 ])
 def test_argument_errors(tmp_path, make, message):
     with pytest.raises(ValueError, match=message):
