@@ -1,12 +1,29 @@
 """Using a trained meta-learner: loading, adapting to a new task as a plain nn.Module, plotting its rates."""
 
+import os
+import runpy
+import subprocess
+import sys
+
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import fixtures_episodic as fx
 from conftest import REPO, run_cli
+from datamodules import OmniglotDataModule
+from datamodules.episodic import ImageReadError, ImageTransform
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
-from metasgd_lightning.inference import adapt, load_meta_learner
+from metasgd_lightning.inference import (
+    adapt,
+    adapt_to_folder,
+    checkpoint_transform,
+    load_meta_learner,
+    load_support_folder,
+    predict_images,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +101,178 @@ def test_plot_lrs_draws_a_png(python_checkpoint, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     bad = run_cli("plot-lrs", str(tmp_path / "missing.ckpt"), cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "No checkpoint at" in bad.stderr
+
+
+# -- your own images ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    """A 3-way Omniglot checkpoint written by `metasgd fit` (2 meta-steps of a tiny ConvNet4)."""
+    tmp_path = tmp_path_factory.mktemp("omniglot_fit")
+    root = fx.omniglot_folder(tmp_path / "omniglot")
+    run_cli("fit", "--config", str(REPO / "configs/omniglot_5way_1shot.yaml"), "--data.root", str(root),
+            "--data.layout", "folder", "--data.download", "false", "--data.ways", "3",
+            "--data.fractions", "[0.5, 0.25, 0.25]", "--data.meta_batch_size", "2", "--data.val_tasks", "2",
+            "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "4", "--trainer.max_steps", "2",
+            "--trainer.logger", "false", "--trainer.enable_model_summary", "false",
+            "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
+    return tmp_path / "ckpt" / "last.ckpt"
+
+
+def drawings(folder, count, size=20, seed=0):
+    """``count`` black-on-white PNG drawings of ``size`` x ``size`` (not 28: the transform must resize them)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(~(rng.random((size, size)) < 0.2)).convert("1").save(folder / f"{i}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def support_folder(root, shots=None):
+    """``root/<class>/i.png``; by default 3 classes with 2, 2 and 1 shots, written out of name order."""
+    for seed, (name, count) in enumerate((shots or {"beta": 2, "alpha": 2, "gamma": 1}).items()):
+        drawings(root / name, count, seed=seed)
+    return root
+
+
+def omniglot_test_pixels(path):
+    """Omniglot's test preprocessing written out: grey, Lanczos resize to 28, scaled to [0, 1], inverted."""
+    image = Image.open(path).convert("L").resize((28, 28), Image.Resampling.LANCZOS)
+    return 1.0 - torch.from_numpy(np.array(image, dtype=np.float32) / 255.0)[None]
+
+
+def test_adapt_to_folder_equals_adapt_on_the_same_tensors(cli_checkpoint, tmp_path):
+    support = support_folder(tmp_path / "support")
+    queries = drawings(tmp_path / "queries", 3, seed=10) + drawings(tmp_path / "queries" / "more", 1, seed=11)
+    module = load_meta_learner(cli_checkpoint)
+
+    # The preprocessing is rebuilt from the checkpoint: Omniglot's, at test time.
+    transform = checkpoint_transform(module)
+    assert transform.image_size == 28 and transform.channels == 1 and transform.invert and transform.augment is None
+    model, class_names = adapt_to_folder(module, support)  # transform rebuilt inside too
+    assert class_names == ["alpha", "beta", "gamma"]  # sorted folder names are labels 0, 1, 2
+    assert type(model) is ConvNet4 and not isinstance(model, L.LightningModule)
+
+    files = [path for name in class_names for path in sorted((support / name).glob("*.png"))]
+    support_x = torch.stack([omniglot_test_pixels(path) for path in files])
+    support_y = torch.tensor([0, 0, 1, 1, 2])
+    x, y, names = load_support_folder(support, transform)
+    torch.testing.assert_close(x, support_x, atol=1e-6, rtol=0)
+    assert y.tolist() == support_y.tolist() and names == class_names
+
+    query_x = torch.stack([omniglot_test_pixels(path) for path in queries])
+    expected = adapt(module, support_x, support_y)(query_x)
+    torch.testing.assert_close(model(query_x), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(query_x), module.model(query_x).detach())  # adaptation changed the model
+
+    predictions = predict_images(model, tmp_path / "queries", transform, class_names)
+    assert [p.path for p in predictions] == queries  # the folder's images and its subfolder's, sorted
+    assert [p.class_name for p in predictions] == [class_names[i] for i in expected.argmax(-1).tolist()]
+    probabilities = expected.softmax(-1).max(-1).values
+    torch.testing.assert_close(torch.tensor([p.probability for p in predictions]), probabilities, atol=1e-5, rtol=0)
+
+
+def test_example_script_classifies_query_images(cli_checkpoint, tmp_path, capsys):
+    support = support_folder(tmp_path / "support")
+    queries = drawings(tmp_path / "queries", 3, seed=10)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    script = REPO / "examples" / "adapt_to_your_images.py"
+    proc = subprocess.run([sys.executable, str(script), str(cli_checkpoint), str(support), str(tmp_path / "queries")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "Adapted to 3 classes: alpha, beta, gamma"
+    module = load_meta_learner(cli_checkpoint)
+    model, class_names = adapt_to_folder(module, support)
+    expected = predict_images(model, queries, checkpoint_transform(module), class_names)
+    assert lines[1:] == [f"{p.path}\t{p.class_name}\t{p.probability:.2f}" for p in expected]
+
+    # A bad argument gives the message, not a traceback (in-process: a second interpreter costs seconds).
+    example = runpy.run_path(str(script))
+    assert example["main"]([str(cli_checkpoint), str(tmp_path / "nowhere"), str(queries[0])]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"error: `folder`: no folder at {tmp_path / 'nowhere'}")
+
+
+def test_support_folders_that_do_not_fit_are_named(cli_checkpoint, tmp_path):
+    module = load_meta_learner(cli_checkpoint)
+    with pytest.raises(FileNotFoundError, match="`folder`: no folder at .*one subfolder per class"):
+        adapt_to_folder(module, tmp_path / "missing")
+    drawings(tmp_path / "flat", 2)
+    with pytest.raises(ValueError, match="`folder`: .*flat holds no class folders"):
+        adapt_to_folder(module, tmp_path / "flat")
+    two = support_folder(tmp_path / "two", {"alpha": 1, "beta": 1})
+    with pytest.raises(ValueError, match=r"3-way tasks, so `folder` needs 3 class folders; got 2 in .*two: "
+                                         r"\['alpha', 'beta'\]"):
+        adapt_to_folder(module, two)
+    four = support_folder(tmp_path / "four", {"a": 1, "b": 1, "c": 1, "d": 1})
+    with pytest.raises(ValueError, match=r"needs 3 class folders; got 4 in .*: \['a', 'b', 'c', 'd'\]"):
+        adapt_to_folder(module, four)
+    empty = support_folder(tmp_path / "empty")
+    for path in (empty / "beta").iterdir():
+        path.unlink()
+    (empty / "beta" / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['beta'\] in .*empty hold no images"):
+        adapt_to_folder(module, empty)
+    broken = support_folder(tmp_path / "broken")
+    (broken / "gamma" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ImageReadError, match=f"Cannot read image {broken / 'gamma' / '0.png'}"):
+        adapt_to_folder(module, broken)
+    with pytest.raises(ValueError, match=r"`folder`: after the transform the images have shape \[1, 20, 20\] "
+                                         r"\(\[channels, height, width\]\), but the model takes \[1, 28, 28\]"):
+        adapt_to_folder(module, support_folder(tmp_path / "fine"), transform=ImageTransform(None, channels=1))
+    mixed = support_folder(tmp_path / "mixed")
+    drawings(tmp_path / "other", 1, size=24)[0].rename(mixed / "gamma" / "big.png")
+    with pytest.raises(ValueError, match=r"big.png has shape \[1, 24, 24\] but .* has \[1, 20, 20\]"):
+        adapt_to_folder(module, mixed, transform=ImageTransform(None, channels=1))
+
+
+def test_query_images_that_do_not_fit_are_named(cli_checkpoint, tmp_path):
+    module = load_meta_learner(cli_checkpoint)
+    model, class_names = adapt_to_folder(module, support_folder(tmp_path / "support"))
+    queries = drawings(tmp_path / "queries", 2, seed=10)
+    transform = checkpoint_transform(module)
+    with pytest.raises(ValueError, match=r"`images`: after the transform the images have shape \[3, 32, 32\] "
+                                         r"\(\[channels, height, width\]\), but the model takes \[1, 28, 28\]"):
+        predict_images(model, queries, ImageTransform(32, channels=3), class_names)
+    with pytest.raises(FileNotFoundError, match="`images`: no file or folder at .*missing.png"):
+        predict_images(model, [queries[0], tmp_path / "missing.png"], transform, class_names)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="`images`: the folder .*nothing holds no images"):
+        predict_images(model, tmp_path / "nothing", transform, class_names)
+    with pytest.raises(ValueError, match="`class_names` must name each of the model's 3 outputs; got 2 names"):
+        predict_images(model, queries, transform, class_names[:2])
+    (tmp_path / "bad.jpg").write_text("not a jpeg")
+    with pytest.raises(ImageReadError, match=f"Cannot read image {tmp_path / 'bad.jpg'}"):
+        predict_images(model, tmp_path / "bad.jpg", transform, class_names)
+
+
+def test_a_checkpoint_without_its_data_module_asks_for_a_transform(python_checkpoint, tmp_path):
+    support = support_folder(tmp_path / "support")
+    module = load_meta_learner(python_checkpoint)  # saved from Python, with no data module
+    with pytest.raises(ValueError, match="records no data module.*Pass .* as `transform`"):
+        adapt_to_folder(module, support)
+    transform = OmniglotDataModule(image_size=28).transform("test")
+    model, class_names = adapt_to_folder(python_checkpoint, support, transform=transform)
+    assert class_names == ["alpha", "beta", "gamma"] and type(model) is ConvNet4
+
+    checkpoint = torch.load(python_checkpoint, weights_only=True)
+    recorded = {"image_size": 28, "invert": True}
+    for hparams, message in [
+        (recorded, "records its data module's arguments but not its class"),
+        ({**recorded, "_class_path": "datamodules.SineDataModule"}, "SineDataModule, which is not an imported image"),
+        ({**recorded, "_class_path": "someone.else.Module"}, "someone.else.Module, which is not an imported image"),
+        ({"image_size": 0, "_class_path": "datamodules.OmniglotDataModule"},
+         "cannot be rebuilt from the recorded arguments .*`image_size` must be an integer >= 1"),
+    ]:
+        torch.save({**checkpoint, "datamodule_hyper_parameters": hparams}, tmp_path / "edited.ckpt")
+        with pytest.raises(ValueError, match=message + ".*transform="):
+            checkpoint_transform(tmp_path / "edited.ckpt")
+    omniglot = {**recorded, "_class_path": "datamodules.OmniglotDataModule", "rotations": False}
+    torch.save({**checkpoint, "datamodule_hyper_parameters": omniglot}, tmp_path / "edited.ckpt")
+    assert repr(checkpoint_transform(tmp_path / "edited.ckpt")) == repr(transform)
+
+    regression = MetaSGDLightningModule(SineMLP(), task="regression")
+    with pytest.raises(ValueError, match="needs a classification model; this one was meta-trained for regression"):
+        adapt_to_folder(regression, support, transform=transform)
