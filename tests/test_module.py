@@ -201,3 +201,20 @@ def test_classification_needs_integer_labels():
 def test_bad_module_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MetaSGDLightningModule(SineMLP(), **{"task": "regression", **kwargs})
+
+
+def test_step_metrics_are_logged_on_logging_steps_only(tmp_path):
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = _trainer(tmp_path, max_steps=9, limit_val_batches=0, log_every_n_steps=3,
+                       logger=CSVLogger(tmp_path, name="csv", version=0))
+    trainer.fit(_sine_module(), _sine_data())
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = {key: [int(r["step"]) for r in rows if r.get(key)] for key in
+             ("train/mse", "train/support_loss_after", "train/meta_lr", "train/tasks_per_sec")}
+    assert steps["train/mse"] == steps["train/support_loss_after"] == steps["train/meta_lr"] == [2, 5, 8]
+    assert steps["train/tasks_per_sec"] == [5, 8]  # a rate needs a previous logged step
+    assert all(float(r["train/tasks_per_sec"]) > 0 for r in rows if r.get("train/tasks_per_sec"))
