@@ -60,7 +60,7 @@ from torch import nn  # noqa: E402
 
 from metasgd_lightning import MetaSGD  # noqa: E402
 from metasgd_lightning._quiet import import_learn2learn, silence_lightning_noise  # noqa: E402
-from metasgd_lightning.models import ConvNet4, TaskBatchNorm2d  # noqa: E402
+from metasgd_lightning.models import ConvNet4  # noqa: E402
 
 IMPLS = ("l2l", "core", "lightning")
 NAMES = {"l2l": "(1) learn2learn MetaSGD", "core": "(2) our core (no Lightning)", "lightning": "(3) our LightningModule"}
@@ -191,21 +191,23 @@ def core_step_fn(model: nn.Module, first_order: bool, args) -> Callable[[Batch],
     return step
 
 
-def per_task_backward_step_fn(model: nn.Module, first_order: bool, args) -> Callable[[Batch], float]:
-    """Our core, backpropagating each task's query loss / T as soon as it is known (learn2learn's memory profile)."""
+def chunked_backward_step_fn(model: nn.Module, first_order: bool, args, chunk: int) -> Callable[[Batch], float]:
+    """Our core, backpropagating the query losses / T of every ``chunk`` tasks as soon as they are known
+    (the module's ``tasks_per_backward``; with 1 task, learn2learn's memory profile)."""
     meta = MetaSGD(copy.deepcopy(model), init_lr=INIT_LR, first_order=first_order)
     optimizer = torch.optim.Adam(meta.parameters(), lr=META_LR)
 
     def step(batch: Batch) -> float:
         tasks, total = len(batch[0]), 0.0
         optimizer.zero_grad()
-        for t in range(tasks):
+        for start in range(0, tasks, chunk):
             with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                result = meta.adapt_tasks(*(x[t : t + 1] for x in batch), F.cross_entropy, vectorize=args.vectorize)
+                result = meta.adapt_tasks(*(x[start : start + chunk] for x in batch), F.cross_entropy,
+                                          vectorize=args.vectorize)
                 result.raise_if_not_finite()
                 loss = result.query_loss.sum() / tasks
             loss.backward()
-            total += float(result.query_loss.detach())
+            total += float(result.query_loss.detach().sum())
         optimizer.step()
         return total / tasks
 
@@ -257,30 +259,19 @@ def run_lightning(model: nn.Module, first_order: bool, batches: list[Batch], ste
 # -- candidate speed-ups (--experiments) ----------------------------------------------------------------------
 
 
-def _native_batch_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """The proposed ``TaskBatchNorm2d.forward``: torch's fused kernel unless a torch.func transform is active."""
-    if not torch._C._are_functorch_transforms_active():
-        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), keepdim=True, correction=0)
-    return (x - mean) * (self.weight[:, None, None] * torch.rsqrt(var + self.eps)) + self.bias[:, None, None]
-
-
 VARIANTS: dict[str, dict] = {
     "l2l (as today)": dict(impl="l2l"),
     "core (as today)": dict(impl="core"),
-    "l2l + native BN": dict(impl="l2l", native_bn=True),
-    "core + native BN": dict(impl="core", native_bn=True),
-    "core + native BN + backward per task": dict(impl="core", native_bn=True, per_task_backward=True),
-    "core + native BN + channels_last": dict(impl="core", native_bn=True, channels_last=True),
-    "core + native BN, 1 thread": dict(impl="core", native_bn=True, threads=1),
-    "core vmap (grouped convolutions)": dict(impl="core", vectorize="vmap"),
+    "core, backward every task": dict(impl="core", chunk=1),
+    "core, backward every 8 tasks": dict(impl="core", chunk=8),
+    "core + channels_last": dict(impl="core", channels_last=True),
+    "core, 1 thread": dict(impl="core", threads=1),
+    "core vmap": dict(impl="core", vectorize="vmap"),
+    "core loop": dict(impl="core", vectorize="loop"),
     "l2l, glibc heap kept": dict(impl="l2l", env=KEEP_HEAP),
     "core, glibc heap kept": dict(impl="core", env=KEEP_HEAP),
-    "l2l + native BN, heap kept": dict(impl="l2l", native_bn=True, env=KEEP_HEAP),
-    "core + native BN, heap kept": dict(impl="core", native_bn=True, env=KEEP_HEAP),
-    "core + native BN + per task, heap kept": dict(impl="core", native_bn=True, per_task_backward=True, env=KEEP_HEAP),
-    "core + native BN + bf16 autocast": dict(impl="core", native_bn=True, bf16=True),
-    "core + native BN + per task + bf16": dict(impl="core", native_bn=True, per_task_backward=True, bf16=True),
+    "core + bf16 autocast": dict(impl="core", bf16=True),
+    "core, backward every task + bf16": dict(impl="core", chunk=1, bf16=True),
 }
 
 
@@ -289,15 +280,13 @@ def build_step(name: str, first_order: bool, args) -> Callable[[Batch], float]:
     options = {"impl": name, **VARIANTS.get(name, {})}
     if options.get("threads"):
         torch.set_num_threads(options["threads"])
-    if options.get("native_bn"):
-        TaskBatchNorm2d.forward = _native_batch_norm_forward  # this process only
     model = make_model(args)
     if options.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     sub = argparse.Namespace(**{**vars(args), "bf16": options.get("bf16", args.bf16),
                                 "vectorize": options.get("vectorize", args.vectorize)})
-    if options.get("per_task_backward"):
-        return per_task_backward_step_fn(model, first_order, sub)
+    if options.get("chunk"):
+        return chunked_backward_step_fn(model, first_order, sub, options["chunk"])
     return (l2l_step_fn if options["impl"] == "l2l" else core_step_fn)(model, first_order, sub)
 
 
