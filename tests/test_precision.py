@@ -106,12 +106,18 @@ def _reference_meta_gradient(weights: dict[str, torch.Tensor], batch) -> dict[st
     return dict(zip(keys, grads))
 
 
-def test_64_true_meta_gradient_matches_a_hand_written_double_computation(tmp_path):
+def _fit_sine(tmp_path, precision: str, max_steps: int):
+    """Meta-train Meta-SGD on sine tasks; (module, its weights before, the Capture, the trainer)."""
     capture = Capture()
     module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1))
     start = {n: p.detach().clone() for n, p in module.meta_learner.named_parameters()}
-    trainer = _trainer(tmp_path, [capture], precision="64-true", max_steps=1)
+    trainer = _trainer(tmp_path, [capture], precision=precision, max_steps=max_steps)
     trainer.fit(module, datamodule=SineDataModule(meta_batch_size=4, train_tasks_per_epoch=40, val_tasks=4))
+    return module, start, capture, trainer
+
+
+def test_64_true_meta_gradient_matches_a_hand_written_double_computation(tmp_path):
+    module, start, capture, trainer = _fit_sine(tmp_path, "64-true", max_steps=1)
     (batch,), (grads,) = capture.batches, capture.grads
     assert all(t.dtype == torch.float64 for t in batch)  # Lightning converted the float32 batch
     assert all(g.dtype == torch.float64 for g in grads.values())
@@ -144,11 +150,7 @@ def test_float16_autocast_does_not_flush_the_inner_gradient_to_zero(vectorize):
 
 
 def test_16_mixed_trains_with_finite_loss(tmp_path):
-    capture = Capture()
-    module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1))
-    before = {n: p.detach().clone() for n, p in module.meta_learner.named_parameters()}
-    trainer = _trainer(tmp_path, [capture], precision="16-mixed", max_steps=3)
-    trainer.fit(module, datamodule=SineDataModule(meta_batch_size=4, train_tasks_per_epoch=40, val_tasks=4))
+    module, before, capture, trainer = _fit_sine(tmp_path, "16-mixed", max_steps=3)
     assert trainer.global_step == 3 and all(math.isfinite(v) for v in capture.losses), capture.losses
     after = dict(module.meta_learner.named_parameters())
     assert all(p.dtype == torch.float32 for p in after.values())
