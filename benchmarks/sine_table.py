@@ -98,8 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_ITERATIONS} iterations per run instead of {FULL_ITERATIONS}")
     parser.add_argument("--iterations", type=int, help="override the number of meta-training iterations per run")
-    parser.add_argument("--shots", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--shots", type=int, nargs="*", default=[5, 10, 20],
+                        help="shot counts of the plain MAML and Meta-SGD rows (none: skip them)")
     parser.add_argument("--no-options", action="store_true", help="skip the MAML++ option rows")
+    parser.add_argument("--options", nargs="+", metavar="NAME", help="run only these option rows, e.g. 'cosine meta-lr'")
+    parser.add_argument("--no-write", action="store_true",
+                        help="print the table only (for a partial run: leave docs/results.md and the JSON as they are)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     iterations = args.iterations or (QUICK_ITERATIONS if args.quick else FULL_ITERATIONS)
@@ -108,13 +112,18 @@ def main(argv: list[str] | None = None) -> None:
     import logging
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
+    rows = options(iterations)
+    unknown = set(args.options or ()) - set(rows)
+    if unknown:
+        parser.error(f"--options: unknown {sorted(unknown)}; known: {list(rows)}")
     records = [run(method, "none", shots, iterations, 1, args.seed) for shots in args.shots for method in ("MAML", "Meta-SGD")]
     if not args.no_options:
         records += [run("Meta-SGD", name, 5, iterations, OPTION_STEPS, args.seed, **extra)
-                    for name, extra in options(iterations).items()]
+                    for name, extra in rows.items() if not args.options or name in args.options]
     print("\n" + table(records))
     command = "python benchmarks/sine_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    write_results("sine_table", records, section(records, command.strip()))
+    if not args.no_write:
+        write_results("sine_table", records, section(records, command.strip()))
 
 
 if __name__ == "__main__":
