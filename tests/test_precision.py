@@ -106,18 +106,20 @@ def _reference_meta_gradient(weights: dict[str, torch.Tensor], batch) -> dict[st
     return dict(zip(keys, grads))
 
 
-def _fit_sine(tmp_path, precision: str, max_steps: int):
+def _fit_sine(tmp_path, max_steps: int, on_module=None, **precision):
     """Meta-train Meta-SGD on sine tasks; (module, its weights before, the Capture, the trainer)."""
     capture = Capture()
     module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1))
+    if on_module is not None:
+        on_module(module)
     start = {n: p.detach().clone() for n, p in module.meta_learner.named_parameters()}
-    trainer = _trainer(tmp_path, [capture], precision=precision, max_steps=max_steps)
+    trainer = _trainer(tmp_path, [capture], max_steps=max_steps, **precision)
     trainer.fit(module, datamodule=SineDataModule(meta_batch_size=4, train_tasks_per_epoch=40, val_tasks=4))
     return module, start, capture, trainer
 
 
 def test_64_true_meta_gradient_matches_a_hand_written_double_computation(tmp_path):
-    module, start, capture, trainer = _fit_sine(tmp_path, "64-true", max_steps=1)
+    module, start, capture, trainer = _fit_sine(tmp_path, max_steps=1, precision="64-true")
     (batch,), (grads,) = capture.batches, capture.grads
     assert all(t.dtype == torch.float64 for t in batch)  # Lightning converted the float32 batch
     assert all(g.dtype == torch.float64 for g in grads.values())
@@ -149,8 +151,17 @@ def test_float16_autocast_does_not_flush_the_inner_gradient_to_zero(vectorize):
     torch.testing.assert_close(half.query_output.float(), full.query_output, rtol=2e-3, atol=2e-3)
 
 
-def test_16_mixed_trains_with_finite_loss(tmp_path):
-    module, before, capture, trainer = _fit_sine(tmp_path, "16-mixed", max_steps=3)
+def test_16_mixed_with_a_loss_scaler_trains_with_a_float32_inner_loop(tmp_path):
+    # precision="16-mixed" on CPU falls back to bf16 in Lightning; the plugin itself gives float16 autocast
+    # and a GradScaler on CPU too, as on a GPU.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    dtypes = set()
+    module, before, capture, trainer = _fit_sine(
+        tmp_path, max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu")],
+        on_module=lambda m: m.model[0].register_forward_hook(lambda layer, args, out: dtypes.add(out.dtype)))
+    assert trainer.precision_plugin.scaler is not None
+    assert dtypes == {torch.float16, torch.float32}  # the query pass in float16, the support pass in float32
     assert trainer.global_step == 3 and all(math.isfinite(v) for v in capture.losses), capture.losses
     after = dict(module.meta_learner.named_parameters())
     assert all(p.dtype == torch.float32 for p in after.values())
