@@ -543,7 +543,7 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
 
         Raises:
             ValueError: an unknown split.
-            NotImplementedError: the subclass neither called :meth:`set_image_options` nor overrode this.
+            TypeError: the subclass neither called :meth:`set_image_options` nor overrode this.
 
         Example:
             >>> from datamodules import OmniglotDataModule
@@ -553,8 +553,8 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
         if split not in SPLITS:
             raise ValueError(f"{type(self).__name__}.transform: unknown split {split!r}; expected one of {SPLITS}.")
         if not hasattr(self, "image_size"):
-            raise NotImplementedError(f"{type(self).__name__} does not describe its preprocessing: call "
-                                      "self.set_image_options(...) in __init__, or override transform().")
+            raise TypeError(f"{type(self).__name__} does not describe its preprocessing: call "
+                            "self.set_image_options(...) in __init__, or override transform().")
         augment = None
         if self.augment and split == "train":
             augment = standard_augmentation(self.image_size, self.padding, color=self.channels == 3)

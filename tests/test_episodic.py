@@ -484,8 +484,8 @@ def test_a_data_module_that_does_not_describe_its_preprocessing_is_named():
         def load_split(self, split):
             raise AssertionError("not reached")
 
-    with pytest.raises(NotImplementedError, match="Plain does not describe its preprocessing: call "
-                                                  r"self.set_image_options\(...\) in __init__"):
+    with pytest.raises(TypeError, match="Plain does not describe its preprocessing: call "
+                                        r"self.set_image_options\(...\) in __init__"):
         Plain(root=None).transform("test")
 
 
