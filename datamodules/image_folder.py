@@ -17,6 +17,11 @@ __all__ = ["FileImages", "ImageFolderDataModule", "find_class_folders", "split_c
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
+def visible(name: str) -> bool:
+    """Not a hidden file or folder (``.name``) and not macOS's ``__MACOSX`` folder of zip archives."""
+    return not name.startswith(".") and name != "__MACOSX"
+
+
 def find_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, list[Path]]:
     """Every folder under ``root`` that directly holds images is a class, named by its path relative to ``root``.
 
@@ -26,8 +31,8 @@ def find_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS)
     """
     classes: dict[str, list[Path]] = {}
     for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
-        images = sorted(f for f in files if f.lower().endswith(tuple(extensions)) and not f.startswith("."))
+        subfolders[:] = sorted(d for d in subfolders if visible(d))
+        images = sorted(f for f in files if f.lower().endswith(tuple(extensions)) and visible(f))
         if images:
             name = Path(folder).relative_to(root).as_posix()
             classes[name] = [Path(folder) / f for f in images]

@@ -35,7 +35,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from datamodules.episodic import EpisodicDataModule, ImageTransform
-from datamodules.image_folder import IMAGE_EXTENSIONS, FileImages
+from datamodules.image_folder import IMAGE_EXTENSIONS, FileImages, visible
 
 from .module import MetaSGDLightningModule
 
@@ -242,7 +242,7 @@ def load_support_folder(folder: str | Path, transform: Transform) -> tuple[Tenso
     layout = f"one subfolder per class holding its images, e.g. {folder}/<class name>/*.png"
     if not folder.is_dir():
         raise FileNotFoundError(f"`folder`: no folder at {folder}. A support set is {layout}.")
-    classes = {path.name: _image_files(path) for path in sorted(folder.iterdir()) if path.is_dir() and _visible(path)}
+    classes = {path.name: _image_files(path) for path in sorted(folder.iterdir()) if path.is_dir() and visible(path.name)}
     if not classes:
         raise ValueError(f"`folder`: {folder} holds no class folders. A support set is {layout}.")
     empty = [name for name, files in classes.items() if not files]
@@ -368,17 +368,12 @@ def predict_images(model: nn.Module, images: str | Path | Sequence[str | Path], 
     return [Prediction(path, class_names[i], float(p)) for path, i, p in zip(paths, label.tolist(), probability)]
 
 
-def _visible(path: Path) -> bool:
-    """Not hidden (``.name``) and not macOS's ``__MACOSX`` folder of zip archives, like the data modules."""
-    return not path.name.startswith(".") and path.name != "__MACOSX"
-
-
 def _image_files(folder: Path, recursive: bool = False) -> list[Path]:
     """The image files in ``folder`` (and below it, if ``recursive``), sorted; hidden ones skipped."""
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(path for path in candidates
                   if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-                  and all(_visible(Path(part)) for part in path.relative_to(folder).parts))
+                  and all(visible(part) for part in path.relative_to(folder).parts))
 
 
 def _decode(paths: Sequence[Path], transform: Transform, argument: str) -> Tensor:
