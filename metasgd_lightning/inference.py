@@ -135,8 +135,7 @@ def adapt(module: MetaSGDLightningModule, support_x: Tensor, support_y: Tensor, 
                 f"The model was meta-trained for {ways}-way tasks: the support set needs labels 0..{ways - 1}, each with "
                 f"at least one example. Missing classes: {missing or 'none'}; labels out of range: {extra or 'none'}."
             )
-    fast = module.meta_learner.adapt(support_x, support_y, module.loss_fn, steps or module.eval_inner_steps,
-                                     first_order=True)
+    fast = module.adapt_task(support_x, support_y, steps)
     adapted = copy.deepcopy(module.model)
     with torch.no_grad():
         for name, param in adapted.named_parameters():

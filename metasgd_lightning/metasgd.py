@@ -8,6 +8,7 @@ loss L_query(θ') backpropagates into both θ and α. This module holds the math
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,28 +21,43 @@ from torch.func import functional_call, grad_and_value, vmap
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Params = dict[str, Tensor]
 Vectorize = Literal["auto", "loop", "vmap"]
+LineSearch = Literal["auto", "backtracking", "off"]
 
-__all__ = ["MetaSGD", "InnerLoopDivergedError", "TaskBatchResult", "check_task_batch", "multi_step_loss_weights"]
+__all__ = [
+    "MetaSGD",
+    "InnerLoopDivergedError",
+    "TaskBatchResult",
+    "check_task_batch",
+    "check_positive_int",
+    "multi_step_loss_weights",
+]
 
 
 class InnerLoopDivergedError(FloatingPointError):
     """A loss in the inner loop (or the query loss right after it) became NaN or infinite.
 
     Attributes:
-        step: inner step whose support loss was non-finite, or ``None`` for the query loss after
-            the last step.
+        step: the support loss that was non-finite: ``s < steps`` is the loss before inner step
+            ``s``, ``s == steps`` the loss after the last step; ``None`` for the query loss.
+        steps: the number of inner steps of the adaptation (``None`` if unknown).
         task: index of the first offending task in the meta-batch.
         value: the offending loss value.
     """
 
-    def __init__(self, step: int | None, task: int, value: float, stage: str = ""):
-        self.step, self.task, self.value = step, task, value
-        where = f"support loss at inner step {step}" if step is not None else "query loss after the inner loop"
+    def __init__(self, step: int | None, task: int, value: float, stage: str = "", steps: int | None = None):
+        self.step, self.task, self.value, self.steps = step, task, value, steps
+        if step is None:
+            where = "query loss after the inner loop"
+        elif steps is not None and step >= steps:
+            where = f"support loss after the last inner step (step {steps - 1})"
+        else:
+            where = f"support loss at inner step {step}"
         prefix = f"{stage}: " if stage else ""
         super().__init__(
             f"{prefix}the {where} of task {task} in the meta-batch is {value} (not finite). "
             "The inner loop diverged: lower `init_lr` (the initial inner-loop rate α), the meta learning rate, "
-            "or the number of inner steps, clip meta-gradients with `gradient_clip_val`, or check the data for NaN/inf."
+            "or the number of inner steps, keep `line_search` on for several steps, clip meta-gradients with "
+            "`gradient_clip_val`, or check the data for NaN/inf."
         )
 
 
@@ -54,11 +70,14 @@ class TaskBatchResult:
         query_output: ``[tasks, queries, ...]`` the adapted model's outputs on the query inputs.
         support_loss: ``[tasks, steps + 1]`` support loss before each inner step and after the last
             one (detached; the gap between the first and last column is the adaptation gain).
+        step_scale: ``[tasks, steps]`` the share of each step α ⊙ ∇L that was taken: 1 without line
+            search; with it, 1, 1/2, 1/4, … or 0 (the step would have raised the support loss).
     """
 
     query_loss: Tensor
     query_output: Tensor
     support_loss: Tensor
+    step_scale: Tensor
 
     def raise_if_not_finite(self, stage: str = "") -> None:
         """Raise :class:`InnerLoopDivergedError` naming the first non-finite step and task."""
@@ -66,16 +85,14 @@ class TaskBatchResult:
         bad_query = ~torch.isfinite(self.query_loss.detach())
         if not (bad_support.any() | bad_query.any()):  # one device sync per meta-batch
             return
+        steps = self.support_loss.shape[1] - 1
         if bad_support.any():
             # The first inner step at which any task diverged, then the first task at that step.
             step = int(bad_support.any(dim=0).nonzero()[0])
             task = int(bad_support[:, step].nonzero()[0])
-            steps = self.support_loss.shape[1] - 1
-            raise InnerLoopDivergedError(
-                step if step < steps else None, task, float(self.support_loss[task, step]), stage
-            )
+            raise InnerLoopDivergedError(step, task, float(self.support_loss[task, step]), stage, steps)
         task = int(bad_query.nonzero()[0])
-        raise InnerLoopDivergedError(None, task, float(self.query_loss[task]), stage)
+        raise InnerLoopDivergedError(None, task, float(self.query_loss[task]), stage, steps)
 
 
 def check_task_batch(batch: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -133,9 +150,13 @@ def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> Tenso
     return weights
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
+def check_positive_int(name: str, value: object, minimum: int = 1, or_none: bool = False) -> int | None:
+    """``value`` if it is an integer >= ``minimum`` (or ``None`` where allowed); else a ValueError naming ``name``."""
+    if value is None and or_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"`{name}` must be {expected}{' or None' if or_none else ''}; got {value!r}.")
     return value
 
 
@@ -182,6 +203,21 @@ class MetaSGD(nn.Module):
         learn_lr: ``False`` gives MAML: one fixed scalar rate ``init_lr`` for every parameter.
         per_step_lr: learn a separate α for each inner step (MAML++'s per-step rates applied to
             Meta-SGD's per-parameter rates); α then has shape ``[inner_steps, *param.shape]``.
+        line_search: how each inner step is taken. ``"off"``: always the full step θ − α ⊙ ∇L, the
+            paper's update. ``"backtracking"``: the full step if it does not raise the task's support
+            loss, else the largest of its halves (1/2, 1/4, …, 1/2^max_halvings) that does not,
+            else no step: the support loss never rises, however many steps are run. ``"auto"``
+            (default): backtracking when an adaptation runs more than one step, the paper's plain
+            step when it runs one (the setting of the paper and of learn2learn).
+        max_halvings: how many times backtracking halves a step before it leaves the weights as they are.
+
+    Why backtracking: a learned α is shared by every task, but the largest stable step on a task is
+    about 2/λ, λ the largest curvature of that task's support loss, which differs from task to task
+    (3x across sine tasks) and grows as θ is meta-learned. One step cannot run away; K steps
+    multiply each step's overshoot K times, so the tasks of highest curvature diverge, more so at
+    evaluation with more steps than in training, and the meta-gradient through those steps explodes.
+    Backtracking gives each task and step its own safe share of the learned step
+    (``docs/results.md``, multi-step sine rows).
 
     Reference:
         Li, Zhou, Chen and Li (2017). Meta-SGD: Learning to Learn Quickly for Few-Shot Learning.
@@ -206,9 +242,15 @@ class MetaSGD(nn.Module):
         first_order: bool = False,
         learn_lr: bool = True,
         per_step_lr: bool = False,
+        line_search: LineSearch = "auto",
+        max_halvings: int = 5,
     ) -> None:
         super().__init__()
-        self.inner_steps = _check_positive_int("inner_steps", inner_steps)
+        self.inner_steps = check_positive_int("inner_steps", inner_steps)
+        if line_search not in ("auto", "backtracking", "off"):
+            raise ValueError(f"`line_search` must be 'auto', 'backtracking' or 'off'; got {line_search!r}.")
+        self.line_search = line_search
+        self.max_halvings = check_positive_int("max_halvings", max_halvings, minimum=0)
         low, high = _parse_init_lr(init_lr, learn_lr)
         if per_step_lr and not learn_lr:
             raise ValueError("`per_step_lr=True` learns one α per inner step, which needs `learn_lr=True`.")
@@ -268,17 +310,18 @@ class MetaSGD(nn.Module):
             parameters appear unchanged.
 
         Raises:
-            InnerLoopDivergedError: a support loss became NaN or infinite (the step is named).
+            InnerLoopDivergedError: a support loss, before a step or after the last one, became NaN
+                or infinite (the step is named).
         """
-        steps = self.inner_steps if steps is None else _check_positive_int("steps", steps)
+        steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
         first_order = self.first_order if first_order is None else first_order
         _require_autograd()
         with torch.enable_grad():
-            fast, support_loss = self._adapt_autograd(support_x, support_y, loss_fn, steps, first_order)
+            fast, support_loss, _ = self._inner_loop(support_x, support_y, loss_fn, steps, first_order, batched=False)
         bad = ~torch.isfinite(support_loss)
         if bad.any():
             step = int(bad.nonzero()[0])
-            raise InnerLoopDivergedError(step, 0, float(support_loss[step]))
+            raise InnerLoopDivergedError(step, 0, float(support_loss[step]), steps=steps)
         frozen = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
         return {**frozen, **fast}
 
@@ -305,7 +348,7 @@ class MetaSGD(nn.Module):
         Returns:
             A :class:`TaskBatchResult`; call its ``raise_if_not_finite()`` to catch divergence.
         """
-        steps = self.inner_steps if steps is None else _check_positive_int("steps", steps)
+        steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
         if vectorize not in ("auto", "loop", "vmap"):
             raise ValueError(f"`vectorize` must be 'auto', 'loop' or 'vmap'; got {vectorize!r}.")
         first_order = self.first_order if first_order is None else first_order
@@ -323,60 +366,106 @@ class MetaSGD(nn.Module):
             )
         _require_autograd()
         with torch.enable_grad():
+            def task_fn(sx, sy, qx, qy, batched=False):
+                return self._task(sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, batched)
+
             if vectorize == "vmap":
-                def task_fn(sx, sy, qx, qy):
-                    return self._task(sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, self._grads_functional)
-
-                query_loss, query_output, support_loss = vmap(task_fn, randomness="different")(
-                    support_x, support_y, query_x, query_y
-                )
+                outputs = vmap(functools.partial(task_fn, batched=True), randomness="different")(
+                    support_x, support_y, query_x, query_y)
             else:
-                results = [
-                    self._task(sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, self._grads_autograd)
-                    for sx, sy, qx, qy in zip(support_x, support_y, query_x, query_y)
-                ]
-                query_loss, query_output, support_loss = (torch.stack(r) for r in zip(*results))
-        return TaskBatchResult(query_loss, query_output, support_loss.detach())
+                results = [task_fn(*task) for task in zip(support_x, support_y, query_x, query_y)]
+                outputs = (torch.stack(r) for r in zip(*results))
+            query_loss, query_output, support_loss, step_scale = outputs
+        return TaskBatchResult(query_loss, query_output, support_loss.detach(), step_scale.detach())
 
-    # -- the inner loop; gradients by torch.autograd (per task) or torch.func (vmap-able) ----------
+    def uses_line_search(self, steps: int) -> bool:
+        """Whether an adaptation of ``steps`` inner steps backtracks (see ``line_search``)."""
+        return self.line_search == "backtracking" or (self.line_search == "auto" and steps > 1)
 
-    def _sgd_step(self, fast: Params, grads: Mapping[str, Tensor], step: int) -> Params:
-        return {n: w - self.lr(n, step) * grads[n] for n, w in fast.items()}
+    # -- the inner loop, a pure function of the fast-weight dict --------------------------------------
+    # Gradients come from torch.autograd on one task at a time (``batched=False``), or from torch.func
+    # inside ``vmap`` (``batched=True``), where no Python branch may depend on a tensor's value.
 
     def _initial_fast_weights(self) -> Params:
         params = dict(self.model.named_parameters())
         return {n: params[n] for n in self.adapted_names}
 
-    def _grads_autograd(self, fast: Params, x: Tensor, y: Tensor, loss_fn: LossFn, first_order: bool):
-        loss = loss_fn(self(x, fast), y)
-        # First order: no graph through the gradient (create_graph=False), which also saves memory.
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
-        return dict(zip(fast, grads)), loss
+    def _support_loss(self, fast: Params, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
+        with _float32_under_float16_autocast(x.device.type):
+            return loss_fn(self(x, fast), y)
 
-    def _grads_functional(self, fast: Params, x: Tensor, y: Tensor, loss_fn: LossFn, first_order: bool):
-        grads, loss = grad_and_value(lambda weights: loss_fn(self(x, weights), y))(fast)
-        if first_order:
-            grads = {n: g.detach() for n, g in grads.items()}
-        return grads, loss
+    def _gradient(self, fast: Params, x, y, loss_fn, first_order: bool, batched: bool,
+                  loss: Tensor | None = None) -> tuple[Params, Tensor]:
+        """∇ of the support loss at ``fast`` (``loss``, if given, is its value with a graph to reuse)."""
+        with _float32_under_float16_autocast(x.device.type):
+            if batched:
+                grads, loss = grad_and_value(lambda weights: loss_fn(self(x, weights), y))(fast)
+                if first_order:
+                    grads = {n: g.detach() for n, g in grads.items()}
+                return grads, loss
+            if loss is None:
+                loss = loss_fn(self(x, fast), y)
+            # First order: no graph through the gradient (create_graph=False), which also saves memory.
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            return dict(zip(fast, grads)), loss
 
-    def _inner_loop(self, x, y, loss_fn, steps, first_order, grad_fn, on_step=None) -> tuple[Params, list[Tensor]]:
-        """``steps`` updates from θ; returns the fast weights and the support loss before each step."""
-        fast, losses = self._initial_fast_weights(), []
+    def _sgd_step(self, fast: Params, grads: Mapping[str, Tensor], step: int, scale: float = 1.0) -> Params:
+        if scale == 1.0:
+            return {n: w - self.lr(n, step) * grads[n] for n, w in fast.items()}
+        return {n: w - scale * self.lr(n, step) * grads[n] for n, w in fast.items()}
+
+    def _backtracking_step(self, fast: Params, grads: Params, loss: Tensor, step: int, x, y, loss_fn,
+                           batched: bool) -> tuple[Params, Tensor, Tensor]:
+        """The largest of the steps α⊙∇L · 2^-k, k = 0..max_halvings, that does not raise the support loss.
+
+        Returns the new fast weights, their support loss and the share of the step taken (0: none
+        was, the weights stay). One task at a time it stops at the first accepted step; under vmap
+        every candidate is scored and the first accepted one selected with ``torch.where``.
+        """
+        new_fast, new_loss, scale = fast, loss, torch.zeros_like(loss)
+        for k in range(self.max_halvings + 1):
+            candidate = self._sgd_step(fast, grads, step, 0.5 ** k)
+            candidate_loss = self._support_loss(candidate, x, y, loss_fn)
+            accept = torch.isfinite(candidate_loss) & (candidate_loss <= loss) & (scale == 0)
+            if not batched:
+                if accept:  # one task: take it and stop (no graph of a rejected step is kept)
+                    return candidate, candidate_loss, torch.full_like(loss, 0.5 ** k)
+                continue
+            new_fast = {n: torch.where(accept, candidate[n], new_fast[n]) for n in fast}
+            new_loss = torch.where(accept, candidate_loss, new_loss)
+            scale = torch.where(accept, torch.full_like(scale, 0.5 ** k), scale)
+        return new_fast, new_loss, scale
+
+    def _inner_loop(self, x, y, loss_fn, steps: int, first_order: bool, batched: bool,
+                    on_step=None) -> tuple[Params, Tensor, Tensor]:
+        """``steps`` updates from θ.
+
+        Returns the fast weights, the support losses ``[steps + 1]`` (before each step and after the
+        last, detached) and the share of each step taken ``[steps]``.
+        """
+        search = self.uses_line_search(steps)
+        fast = self._initial_fast_weights()
+        grads, loss = self._gradient(fast, x, y, loss_fn, first_order, batched)
+        losses, scales = [loss.detach()], []
         for step in range(steps):
-            with _float32_under_float16_autocast(x.device.type):
-                grads, loss = grad_fn(fast, x, y, loss_fn, first_order)
-            fast = self._sgd_step(fast, grads, step)
-            losses.append(loss.detach())
+            if search:
+                fast, loss, scale = self._backtracking_step(fast, grads, loss, step, x, y, loss_fn, batched)
+            else:
+                fast, loss, scale = self._sgd_step(fast, grads, step), None, torch.ones_like(loss)
             if on_step is not None:
                 on_step(step, fast)
-        return fast, losses
+            if step + 1 < steps:
+                if batched or bool(scale > 0) or not search:
+                    grads, loss = self._gradient(fast, x, y, loss_fn, first_order, batched, loss)
+                # else: one task whose step was refused stays where it was, with the same gradient.
+            elif loss is None:
+                loss = self._support_loss(fast, x, y, loss_fn)
+            losses.append(loss.detach())
+            scales.append(scale.detach())
+        return fast, torch.stack(losses), torch.stack(scales)
 
-    def _adapt_autograd(self, x: Tensor, y: Tensor, loss_fn: LossFn, steps: int, first_order: bool) -> tuple[Params, Tensor]:
-        fast, losses = self._inner_loop(x, y, loss_fn, steps, first_order, self._grads_autograd)
-        return fast, torch.stack(losses)
-
-    def _task(self, sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, grad_fn):
-        """Adapt to one task; query loss (step-weighted if ``step_weights``), query output, support losses."""
+    def _task(self, sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, batched):
+        """Adapt to one task: query loss (step-weighted if ``step_weights``), query output, support losses, step shares."""
         intermediate: list[Tensor] = []
 
         def score_intermediate(step: int, fast: Params) -> None:
@@ -384,13 +473,12 @@ class MetaSGD(nn.Module):
                 intermediate.append(loss_fn(self(qx, fast), qy))
 
         on_step = score_intermediate if step_weights is not None else None
-        fast, support_losses = self._inner_loop(sx, sy, loss_fn, steps, first_order, grad_fn, on_step)
-        support_losses.append(loss_fn(self(sx, fast), sy).detach())
+        fast, support_losses, step_scales = self._inner_loop(sx, sy, loss_fn, steps, first_order, batched, on_step)
         query_output = self(qx, fast)
         query_loss = loss_fn(query_output, qy)
         if step_weights is not None:
             query_loss = (step_weights * torch.stack([*intermediate, query_loss])).sum()
-        return query_loss, query_output, torch.stack(support_losses)
+        return query_loss, query_output, support_losses, step_scales
 
 
 def _float32_under_float16_autocast(device_type: str):

@@ -24,7 +24,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from .metasgd import InnerLoopDivergedError, MetaSGD, TaskBatchResult, Vectorize, check_task_batch, multi_step_loss_weights
+from .metasgd import (
+    InnerLoopDivergedError,
+    LineSearch,
+    MetaSGD,
+    TaskBatchResult,
+    Vectorize,
+    check_positive_int,
+    check_task_batch,
+    multi_step_loss_weights,
+)
 from .metrics import TaskMeanCI, task_accuracy
 
 __all__ = ["MetaSGDLightningModule"]
@@ -79,6 +88,11 @@ class MetaSGDLightningModule(L.LightningModule):
         first_order_epochs: (MAML++ derivative-order annealing) first-order meta-gradients for the
             first this many epochs, then ``first_order`` (second order by default).
         eval_inner_steps: inner-loop steps at validation, test and prediction (default: ``inner_steps``).
+        line_search: ``"auto"`` (default) backtracks each inner step that would raise the task's
+            support loss when an adaptation runs several steps, and takes the paper's plain step
+            when it runs one; ``"backtracking"`` always, ``"off"`` never. See :class:`MetaSGD`: with
+            several steps, plain steps diverge on the tasks of highest curvature.
+        max_halvings: how often backtracking halves a step before it refuses it.
         vectorize: ``"vmap"`` adapts the tasks of a meta-batch at once, ``"loop"`` one by one,
             ``"auto"`` uses vmap on GPUs and the loop on CPUs.
         gradient_clip_val: clip the meta-gradient to this total norm (``None``: no clipping).
@@ -115,6 +129,8 @@ class MetaSGDLightningModule(L.LightningModule):
         multi_step_loss_epochs: int = 10,
         first_order_epochs: int = 0,
         eval_inner_steps: int | None = None,
+        line_search: LineSearch = "auto",
+        max_halvings: int = 5,
         vectorize: Vectorize = "auto",
         gradient_clip_val: float | None = None,
         tasks_per_backward: int | None = None,
@@ -126,14 +142,10 @@ class MetaSGDLightningModule(L.LightningModule):
             raise ValueError(f"`task` must be 'classification' or 'regression'; got {task!r}.")
         if vectorize not in ("auto", "loop", "vmap"):
             raise ValueError(f"`vectorize` must be 'auto', 'loop' or 'vmap'; got {vectorize!r}.")
-        if eval_inner_steps is not None and (not isinstance(eval_inner_steps, int) or eval_inner_steps < 1):
-            raise ValueError(f"`eval_inner_steps` must be a positive integer or None; got {eval_inner_steps!r}.")
-        for name, value in (("multi_step_loss_epochs", multi_step_loss_epochs), ("first_order_epochs", first_order_epochs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"`{name}` must be an integer >= 0; got {value!r}.")
-        if tasks_per_backward is not None and (isinstance(tasks_per_backward, bool) or not isinstance(tasks_per_backward, int)
-                                               or tasks_per_backward < 1):
-            raise ValueError(f"`tasks_per_backward` must be a positive integer or None; got {tasks_per_backward!r}.")
+        check_positive_int("eval_inner_steps", eval_inner_steps, or_none=True)
+        check_positive_int("multi_step_loss_epochs", multi_step_loss_epochs, minimum=0)
+        check_positive_int("first_order_epochs", first_order_epochs, minimum=0)
+        check_positive_int("tasks_per_backward", tasks_per_backward, or_none=True)
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"`gradient_clip_val` must be positive or None; got {gradient_clip_val!r}.")
         with warnings.catch_warnings():
@@ -142,7 +154,8 @@ class MetaSGDLightningModule(L.LightningModule):
             self.save_hyperparameters()
         self._store_hparams_as_config(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.automatic_optimization = False
-        self.meta_learner = MetaSGD(model, init_lr, inner_steps, first_order, learn_lr, per_step_lr)
+        self.meta_learner = MetaSGD(model, init_lr, inner_steps, first_order, learn_lr, per_step_lr, line_search,
+                                    max_halvings)
         self.multi_step_loss, self.multi_step_loss_epochs = multi_step_loss, multi_step_loss_epochs
         self.first_order_epochs = first_order_epochs
         self.task = task
@@ -183,10 +196,17 @@ class MetaSGDLightningModule(L.LightningModule):
         """Adapt every task of a meta-batch and score its query set; stop on NaN/inf."""
         support_x, support_y, query_x, query_y = check_task_batch(batch)
         self._check_targets(support_y, query_y)
-        result = self.meta_learner.adapt_tasks(
-            support_x, support_y, query_x, query_y, self.loss_fn, steps, self.vectorize, first_order, step_weights
-        )
-        result.raise_if_not_finite(f"{stage} (global step {self.global_step})")
+        return self._adapt_checked((support_x, support_y, query_x, query_y), steps, stage, first_order, step_weights)
+
+    def _adapt_checked(self, batch, steps: int, stage: str, first_order: bool | None,
+                       step_weights: Tensor | None, first_task: int = 0) -> TaskBatchResult:
+        """:meth:`adapt_batch` for a batch already checked; ``first_task`` is its place in the meta-batch."""
+        result = self.meta_learner.adapt_tasks(*batch, self.loss_fn, steps, self.vectorize, first_order, step_weights)
+        try:
+            result.raise_if_not_finite(f"{stage} (global step {self.global_step})")
+        except InnerLoopDivergedError as error:  # name the task by its place in the whole meta-batch
+            raise InnerLoopDivergedError(error.step, error.task + first_task, error.value,
+                                         f"{stage} (global step {self.global_step})", error.steps) from None
         return result
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
@@ -217,6 +237,8 @@ class MetaSGDLightningModule(L.LightningModule):
             self.log_dict({
                 "train/support_loss_before": result.support_loss[:, 0].mean(),
                 "train/support_loss_after": result.support_loss[:, -1].mean(),
+                # The share of the learned steps α ⊙ ∇L taken (below 1: backtracking shortened steps).
+                "train/inner_step_scale": result.step_scale.mean(),
                 "train/meta_lr": float(optimizer.param_groups[0]["lr"]),
             }, batch_size=tasks)
             self._log_throughput(tasks)
@@ -225,33 +247,36 @@ class MetaSGDLightningModule(L.LightningModule):
         return meta_loss.detach()
 
     def _is_logging_step(self) -> bool:
-        """Whether Lightning writes this training step's metrics (every ``log_every_n_steps``, and the last)."""
-        connector = getattr(self.trainer, "_logger_connector", None)
-        return bool(getattr(connector, "should_update_logs", True))
+        """Whether Lightning writes this training step's metrics: every ``log_every_n_steps`` steps, and the last.
+
+        Called after the optimiser step; manual optimisation takes exactly one step per batch, so
+        ``global_step`` counts this batch (Lightning's own rule counts batches that stepped).
+        """
+        every = self.trainer.log_every_n_steps
+        return bool(every) and (self.global_step % every == 0 or self.trainer.should_stop)
 
     def _adapt_and_backward(self, batch, steps: int, first_order, step_weights) -> TaskBatchResult:
         """Adapt the meta-batch and backpropagate the mean query loss, ``tasks_per_backward`` tasks at a time."""
-        tasks = len(check_task_batch(batch)[0])
+        batch = check_task_batch(batch)
+        self._check_targets(batch[1], batch[3])
+        tasks = len(batch[0])
         chunk = min(self.tasks_per_backward or tasks, tasks)
         parts = []
         for start in range(0, tasks, chunk):
             part = [t[start : start + chunk] for t in batch]
-            try:
-                result = self.adapt_batch(part, steps, "training", first_order, step_weights)
-            except InnerLoopDivergedError as error:  # name the task by its place in the whole meta-batch
-                raise InnerLoopDivergedError(error.step, error.task + start, error.value,
-                                             f"training (global step {self.global_step})") from None
+            result = self._adapt_checked(part, steps, "training", first_order, step_weights, first_task=start)
             last = start + chunk >= tasks
             # Under DDP only the last backward all-reduces: the earlier ones accumulate locally.
             with self._no_backward_sync() if not last else contextlib.nullcontext():
                 self.manual_backward(result.query_loss.sum() / tasks)
-            parts.append((result.query_loss.detach(), result.query_output.detach(), result.support_loss))
+            parts.append((result.query_loss.detach(), result.query_output.detach(), result.support_loss,
+                          result.step_scale))
         if len(parts) == 1:
             return TaskBatchResult(*parts[0])
         return TaskBatchResult(*(torch.cat(tensors) for tensors in zip(*parts)))
 
     def _no_backward_sync(self):
-        model = self.trainer.model if self._trainer is not None else None
+        model = self.trainer.model
         return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -270,13 +295,20 @@ class MetaSGDLightningModule(L.LightningModule):
             support_x, support_y, query_x = batch
             batch = (support_x, support_y, query_x, torch.zeros(query_x.shape[:2], dtype=support_y.dtype))
         support_x, support_y, query_x, _ = check_task_batch(batch)
-        predictions = []
-        for sx, sy, qx in zip(support_x, support_y, query_x):
-            fast = self.meta_learner.adapt(sx, sy, self.loss_fn, self.eval_inner_steps, first_order=True)
-            with torch.no_grad():
-                output = self.meta_learner(qx, fast)
-            predictions.append(output.argmax(-1) if self.task == "classification" else output)
-        return torch.stack(predictions)
+        return torch.stack([self.predict_task(sx, sy, qx) for sx, sy, qx in zip(support_x, support_y, query_x)])
+
+    def adapt_task(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
+        """The fast weights θ' for one task, adapted as at evaluation (``eval_inner_steps`` steps by default)."""
+        # No meta-gradient is needed: first order gives the same fast weights with less memory.
+        return self.meta_learner.adapt(support_x, support_y, self.loss_fn, steps or self.eval_inner_steps,
+                                       first_order=True)
+
+    def predict_task(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Adapt to one task's support set and predict its queries: class indices, or outputs (regression)."""
+        fast = self.adapt_task(support_x, support_y)
+        with torch.no_grad():
+            output = self.meta_learner(query_x, fast)
+        return output.argmax(-1) if self.task == "classification" else output
 
     def configure_optimizers(self):
         params = [p for p in self.meta_learner.parameters() if p.requires_grad]

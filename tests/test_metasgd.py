@@ -39,7 +39,8 @@ CASES = {
 def _ours_vs_l2l(case, steps, first_order):
     make_model, make_task, loss_fn = CASES[case]
     model = make_model().double()
-    ours = MetaSGD(copy.deepcopy(model), init_lr=(0.01, 0.3), inner_steps=steps, first_order=first_order)
+    ours = MetaSGD(copy.deepcopy(model), init_lr=(0.01, 0.3), inner_steps=steps, first_order=first_order,
+                   line_search="off")  # learn2learn takes the plain step
     theirs = l2l.algorithms.MetaSGD(copy.deepcopy(model), lr=1.0, first_order=first_order)
     for lr, name in zip(theirs.lrs, ours.adapted_names):  # the same random α in both
         lr.data.copy_(ours.lr(name).data)
@@ -124,9 +125,13 @@ def test_init_lr_forms():
 
 @pytest.mark.parametrize("kind", ["sine-mlp", "convnet-bn"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
-def test_vmap_equals_loop(kind, first_order):
+@pytest.mark.parametrize("line_search", ["off", "backtracking"])
+def test_vmap_equals_loop(kind, first_order, line_search):
     make_model, make_task, loss_fn = CASES[kind]
-    meta = MetaSGD(make_model().double(), init_lr=(0.01, 0.2), inner_steps=2, first_order=first_order)
+    # Rates up to 2 make some steps overshoot, so that backtracking has steps to halve and to refuse.
+    high = 2.0 if line_search == "backtracking" else 0.2
+    meta = MetaSGD(make_model().double(), init_lr=(0.01, high), inner_steps=2, first_order=first_order,
+                   line_search=line_search)
     batch = make_task(tasks=3)
     results, grads = {}, {}
     for mode in ("loop", "vmap"):
@@ -138,7 +143,10 @@ def test_vmap_equals_loop(kind, first_order):
     torch.testing.assert_close(results["loop"].support_loss, results["vmap"].support_loss)
     for g_loop, g_vmap in zip(grads["loop"], grads["vmap"]):
         torch.testing.assert_close(g_loop, g_vmap)
+    torch.testing.assert_close(results["loop"].step_scale, results["vmap"].step_scale)
     assert results["loop"].support_loss.shape == (3, 3)  # before each of 2 steps, and after
+    if line_search == "backtracking":
+        assert (results["loop"].step_scale < 1).any(), "no step was shortened: the test does not test backtracking"
 
 
 def test_adaptation_lowers_the_support_loss():
@@ -158,12 +166,52 @@ def test_nan_in_support_set_names_step_and_task():
 
 
 def test_divergence_at_a_later_step_is_named():
-    meta = MetaSGD(SineMLP(), init_lr=1e30, inner_steps=3)
+    meta = MetaSGD(SineMLP(), init_lr=1e30, inner_steps=3, line_search="off")
     result = meta.adapt_tasks(*_regression_task(tasks=2, dtype=torch.float32), F.mse_loss)
-    with pytest.raises(InnerLoopDivergedError, match=r"inner step [12] of task 0|query loss"):
+    with pytest.raises(InnerLoopDivergedError, match=r"support loss at inner step [12] of task 0") as info:
         result.raise_if_not_finite()
+    assert info.value.step in (1, 2) and info.value.steps == 3
     with pytest.raises(InnerLoopDivergedError, match="init_lr"):
         meta.adapt(*_regression_task(dtype=torch.float32)[:2], F.mse_loss)
+
+
+def test_divergence_made_by_the_last_step_is_caught_and_named_as_such():
+    # One plain step with a huge rate: the support loss before it is finite, after it infinite.
+    meta = MetaSGD(SineMLP(), init_lr=1e30, inner_steps=1, line_search="off")
+    sx, sy, qx, qy = _regression_task(tasks=2, dtype=torch.float32)
+    with pytest.raises(InnerLoopDivergedError, match=r"support loss after the last inner step \(step 0\)") as info:
+        meta.adapt(sx[0], sy[0], F.mse_loss)
+    assert (info.value.step, info.value.steps) == (1, 1)
+    result = meta.adapt_tasks(sx, sy, qx, qy, F.mse_loss)
+    result.query_loss = torch.zeros(2)  # only the support loss after the step is not finite
+    with pytest.raises(InnerLoopDivergedError, match=r"support loss after the last inner step \(step 0\) of task 0"):
+        result.raise_if_not_finite()
+
+
+@pytest.mark.parametrize("vectorize", ["loop", "vmap"])
+def test_backtracking_never_raises_the_support_loss(vectorize):
+    # Rates a thousand times past stability: plain steps diverge; backtracked ones halve or refuse them.
+    sx, sy, qx, qy = _regression_task(tasks=4, dtype=torch.float64)
+    plain = MetaSGD(SineMLP().double(), init_lr=(1.0, 20.0), inner_steps=10, line_search="off")
+    assert not torch.isfinite(plain.adapt_tasks(sx, sy, qx, qy, F.mse_loss, vectorize="loop").support_loss).all()
+    safe = copy.deepcopy(plain)
+    safe.line_search = "backtracking"
+    result = safe.adapt_tasks(sx, sy, qx, qy, F.mse_loss, vectorize=vectorize)
+    result.raise_if_not_finite()
+    assert (result.support_loss[:, 1:] <= result.support_loss[:, :-1]).all()
+    assert (result.support_loss[:, -1] < result.support_loss[:, 0]).all(), "no task got better: every step refused"
+    allowed = torch.tensor([0.0] + [0.5 ** k for k in range(safe.max_halvings + 1)], dtype=torch.float64)
+    assert torch.isin(result.step_scale, allowed).all()
+    assert (result.step_scale < 1).any() and (result.step_scale > 0).any()
+
+
+def test_line_search_auto_backtracks_only_for_several_steps():
+    meta = MetaSGD(SineMLP(), init_lr=(1.0, 20.0))
+    assert not meta.uses_line_search(1) and meta.uses_line_search(2)
+    sx, sy, qx, qy = _regression_task(tasks=2, dtype=torch.float32)
+    assert (meta.adapt_tasks(sx, sy, qx, qy, F.mse_loss, steps=1).step_scale == 1).all()  # the paper's step
+    assert MetaSGD(SineMLP(), line_search="backtracking").uses_line_search(1)
+    assert not MetaSGD(SineMLP(), line_search="off").uses_line_search(5)
 
 
 @pytest.mark.parametrize(
@@ -176,6 +224,8 @@ def test_divergence_at_a_later_step_is_named():
         (dict(init_lr=(0.2, 0.1)), "low <= high"),
         (dict(init_lr=(0.1, 0.2), learn_lr=False), "fixed scalar rate"),
         (dict(init_lr="fast"), "`init_lr` must be a float"),
+        (dict(line_search="armijo"), "`line_search` must be 'auto', 'backtracking' or 'off'; got 'armijo'"),
+        (dict(max_halvings=-1), "`max_halvings` must be an integer >= 0; got -1"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, message):
