@@ -55,6 +55,21 @@ def test_a_backward_per_chunk_of_tasks_gives_the_same_meta_gradient(tmp_path):
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_lr_meta_lr_gives_alpha_its_own_meta_learning_rate(tmp_path):
+    torch.manual_seed(0)
+    module = _sine_module(lr_meta_lr=0.05, optimizer=lambda params: torch.optim.Adam(params, lr=1e-4))
+    before = {k: v.clone() for k, v in module.meta_learner.state_dict().items()}
+    _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, _sine_data())
+    groups = module.optimizers().optimizer.param_groups
+    assert [g["lr"] for g in groups] == [1e-4, 0.05]
+    moved = {k: float((v - before[k]).abs().max()) for k, v in module.meta_learner.state_dict().items()}
+    # Adam's first step moves every entry by about its group's learning rate.
+    assert all(m == pytest.approx(0.05, rel=0.01) for k, m in moved.items() if k.startswith("lrs."))
+    assert all(m == pytest.approx(1e-4, rel=0.01) for k, m in moved.items() if k.startswith("model."))
+    with pytest.raises(ValueError, match="`lr_meta_lr` sets the meta learning rate of the learned α"):
+        MetaSGDLightningModule(SineMLP(), task="regression", init_lr=0.01, learn_lr=False, lr_meta_lr=0.1)
+
+
 def test_maml_keeps_its_fixed_rate(tmp_path):
     module = _sine_module().__class__(SineMLP(), task="regression", init_lr=0.01, learn_lr=False)
     _trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, _sine_data())

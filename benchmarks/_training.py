@@ -1,0 +1,133 @@
+"""What the learning benchmarks share: train a module for a budget, test it, report rows as they run.
+
+A row trains one configuration with ``Trainer.fit`` for a number of meta-steps, then scores it on the
+fixed test tasks at one or more numbers of inner steps. A run that diverges (``InnerLoopDivergedError``
+in training or at test) is a result too: the row records where, instead of stopping the benchmark.
+Rows can run in parallel worker processes (``--jobs``), each with its share of the CPU threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import lightning as L
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from metasgd_lightning import InnerLoopDivergedError  # noqa: E402
+from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
+
+TRAINER_ARGS = dict(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+
+
+def quiet() -> None:
+    """No Lightning info lines or third-party warnings between the benchmark's own lines."""
+    silence_lightning_noise()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+
+
+def fit_and_test(module: L.LightningModule, data: L.LightningDataModule, steps: int,
+                 eval_steps: Sequence[int], max_time: float | None = None, validate: bool = False) -> dict:
+    """Train ``module`` for ``steps`` meta-steps (or ``max_time`` seconds), then test at each of ``eval_steps``.
+
+    Returns ``seconds`` (training wall time), ``steps_done``, with ``validate`` the validation score
+    ``val`` (at the module's ``eval_inner_steps``: the one that may pick a variant, never the test
+    score) and, per number of evaluation steps, ``{"mean", "ci95", "values"}`` of the module's last
+    metric (MSE or accuracy) on the test tasks; or ``diverged`` with the error message.
+    """
+    record: dict = {}
+    start = time.perf_counter()
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, max_time=None if max_time is None else {"seconds": max_time},
+                        **TRAINER_ARGS)
+    try:
+        trainer.fit(module, data)
+    except InnerLoopDivergedError as error:
+        record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step,
+                      diverged=f"training, meta-step {trainer.global_step}: {str(error).split('. The inner')[0]}")
+        return record
+    record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step)
+    metric = module.metric_names[-1]  # "mse" or "acc"
+    if validate:
+        try:
+            scores = L.Trainer(**TRAINER_ARGS).validate(module, data, verbose=False)[0]
+            record["val"] = {"mean": scores[f"val/{metric}"], "ci95": scores[f"val/{metric}_ci95"]}
+        except InnerLoopDivergedError as error:
+            record["val"] = {"diverged": f"validation: {str(error).split('. The inner')[0]}"}
+    record["eval"] = {}
+    for n in eval_steps:
+        module.eval_inner_steps = n
+        try:
+            L.Trainer(**TRAINER_ARGS).test(module, data, verbose=False)
+        except InnerLoopDivergedError as error:
+            record["eval"][n] = {"diverged": f"test: {str(error).split('. The inner')[0]}"}
+            continue
+        result = module.test_results[metric]
+        record["eval"][n] = {"mean": float(result["mean"]), "ci95": float(result["ci95"]),
+                             "values": result["values"].tolist()}
+    return record
+
+
+def max_over_median(values: Sequence[float]) -> float:
+    """The largest task value over the median task value: how far the worst task is from a typical one."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.max() / t.median())
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    quiet()
+
+
+def run_rows(rows: Sequence[dict], run: Callable[[dict], dict], jobs: int = 1) -> list[dict]:
+    """``run(row)`` for every row, in ``jobs`` processes, printing one line as each row starts and ends.
+
+    ``run`` must be a module-level function (it is pickled to the workers). Returns the records in
+    the order of ``rows``.
+    """
+    total, start = len(rows), time.perf_counter()
+
+    finished = 0
+
+    def report(i: int, record: dict) -> None:
+        nonlocal finished
+        finished += 1
+        elapsed = time.perf_counter() - start
+        done, left = finished, elapsed / finished * (total - finished)
+        print(f"[{done}/{total} done] {record.get('summary', '')} ({record.get('seconds', 0):.0f} s; "
+              f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left)", flush=True)
+
+    if jobs <= 1:
+        records = []
+        for i, row in enumerate(rows):
+            print(f"[{i + 1}/{total}] {row['label']} ...", flush=True)
+            records.append(run(row))
+            report(i, records[-1])
+        return records
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    records: list[dict | None] = [None] * total
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads,)) as pool:
+        futures = {}
+        for i, row in enumerate(rows):
+            futures[pool.submit(run, row)] = i
+        print(f"{total} rows in {jobs} processes of {threads} thread(s): "
+              + "; ".join(f"[{i + 1}] {row['label']}" for i, row in enumerate(rows)), flush=True)
+        for future in as_completed(futures):
+            i = futures[future]
+            records[i] = future.result()
+            report(i, records[i])
+    return records  # type: ignore[return-value]
