@@ -209,7 +209,8 @@ def test_classification_needs_integer_labels():
         (dict(inner_steps=0), "`inner_steps` must be a positive integer"),
         (dict(init_lr=float("inf")), "`init_lr` must be finite"),
         (dict(vectorize="gpu"), "`vectorize` must be"),
-        (dict(gradient_clip_val=-1.0), "`gradient_clip_val` must be positive"),
+        (dict(gradient_clip_val=-1.0), "`gradient_clip_val` must be a positive number or None; got -1.0"),
+        (dict(lr_meta_lr=0), "`lr_meta_lr` must be a positive number or None; got 0"),
         (dict(tasks_per_backward=0), "`tasks_per_backward` must be a positive integer or None; got 0"),
     ],
 )
