@@ -3,70 +3,17 @@
 from __future__ import annotations
 
 import os
-import random
-from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from PIL import Image
-from torch import Tensor
+from .checks import check_fractions
+from .class_folders import IMAGE_EXTENSIONS, find_class_folders, read_class_folders, split_classes, visible
+from .episodic import EpisodicDataModule
+from .images import FileImages, ImageSource, file_images
 
-from .episodic import EpisodicDataModule, ImageSource, check_fractions
-
-__all__ = ["FileImages", "ImageFolderDataModule", "find_class_folders", "split_classes"]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def visible(name: str) -> bool:
-    """Not a hidden file or folder (``.name``) and not macOS's ``__MACOSX`` folder of zip archives."""
-    return not name.startswith(".") and name != "__MACOSX"
-
-
-def find_class_folders(root: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> dict[str, list[Path]]:
-    """Every folder under ``root`` that directly holds images is a class, named by its path relative to ``root``.
-
-    So ``root/cat/*.jpg`` gives the class ``cat`` and ``root/Greek/character01/*.png`` the class
-    ``Greek/character01``. Hidden files and folders (and macOS's ``__MACOSX``) are skipped. Classes and
-    their images are sorted by name, so the result does not depend on the file system's order.
-    """
-    classes: dict[str, list[Path]] = {}
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = sorted(d for d in subfolders if visible(d))
-        images = sorted(f for f in files if f.lower().endswith(tuple(extensions)) and visible(f))
-        if images:
-            name = Path(folder).relative_to(root).as_posix()
-            classes[name] = [Path(folder) / f for f in images]
-    return dict(sorted(classes.items()))
-
-
-def split_classes(names: Sequence, fractions: Sequence[float], seed: int) -> dict[str, list]:
-    """Shuffle the class names with ``seed`` and cut them into train/val/test by ``fractions``.
-
-    Split sizes are ``round(n * f_train)``, ``round(n * (f_train + f_val)) - round(n * f_train)`` and the rest.
-    """
-    order = sorted(names)
-    random.Random(seed).shuffle(order)
-    n = len(order)
-    first, second = round(n * fractions[0]), round(n * (fractions[0] + fractions[1]))
-    return {"train": order[:first], "val": order[first:second], "test": order[second:]}
-
-
-class FileImages(ImageSource):
-    """Images stored as files, one label per file."""
-
-    def read(self, key: str) -> Image.Image:
-        return Image.open(key)
-
-
-def file_images(classes: Mapping[str, Sequence[Path]], transform: Callable[[Image.Image], Tensor] | None,
-                names: Sequence[str] | None = None, prefix: str = "") -> FileImages:
-    """A :class:`FileImages` over ``classes`` (name -> files), labelled ``0..`` in the order of ``names``."""
-    names = list(classes) if names is None else list(names)
-    keys, labels = [], []
-    for label, name in enumerate(names):
-        keys += [str(path) for path in classes[name]]
-        labels += [label] * len(classes[name])
-    return FileImages(keys, labels, {label: prefix + name for label, name in enumerate(names)}, transform)
+# FileImages, file_images, IMAGE_EXTENSIONS, find_class_folders, split_classes and visible lived here before
+# the package was split by job (now datamodules.images and datamodules.class_folders): still importable.
+__all__ = ["FileImages", "IMAGE_EXTENSIONS", "ImageFolderDataModule", "file_images", "find_class_folders",
+           "read_class_folders", "split_classes", "visible"]
 
 
 class ImageFolderDataModule(EpisodicDataModule):
@@ -105,6 +52,7 @@ class ImageFolderDataModule(EpisodicDataModule):
 
     Example:
         >>> import tempfile
+        >>> from PIL import Image
         >>> root = Path(tempfile.mkdtemp())
         >>> for c in range(10):
         ...     (root / f"class{c}").mkdir()
@@ -169,27 +117,3 @@ class ImageFolderDataModule(EpisodicDataModule):
             raise ValueError(f"{type(self).__name__} needs the {split} split here, but `{split}_dir` is not set; "
                              f"set it (or use `root` with `fractions`).")
         return file_images(classes, self.transform(split))
-
-
-def read_class_folders(module: EpisodicDataModule, root: Path | None, split_dirs: Mapping[str, Path | None],
-                       fractions: Sequence[float], split_seed: int) -> dict[str, dict[str, list[Path]] | None]:
-    """The classes of each split: ``root`` split by ``fractions``, or one folder per split (``None``: none given)."""
-    layout = "one folder per class holding its images, e.g. <root>/<class>/*.png or <root>/<group>/<class>/*.png"
-    if root is not None:
-        if not root.is_dir():
-            raise module.missing_data(f"the folder {root}", layout, "Check `root`.")
-        classes = find_class_folders(root)
-        if not classes:
-            raise module.missing_data(f"class folders with images under {root}", layout,
-                                      f"{root} holds no image files in any folder.")
-        names = split_classes(list(classes), fractions, split_seed)
-        return {split: {name: classes[name] for name in names[split]} for split in names}
-    result: dict[str, dict[str, list[Path]] | None] = {}
-    for split, folder in split_dirs.items():
-        if folder is None:
-            result[split] = None
-            continue
-        if not folder.is_dir():
-            raise module.missing_data(f"the {split} folder {folder}", layout, f"Check `{split}_dir`.")
-        result[split] = find_class_folders(folder)
-    return result

@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .episodic import ImageTransform
+from .preprocessing import ImageTransform
 from .sampling import FixedTaskSampler
 
 __all__ = ["OmniglotOneShotDataModule", "PUBLISHED_ERROR_RATES"]

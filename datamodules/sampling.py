@@ -18,6 +18,8 @@ its own, and pad the validation set by repeating tasks, counting them twice).
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,7 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["SPLITS", "task_seed", "task_generator", "TaskIndexSampler", "FixedTaskSampler", "TaskLoaders"]
+from .checks import check_int
+
+__all__ = ["SPLITS", "task_seed", "task_generator", "seeded_global_rngs", "TaskIndexSampler", "FixedTaskSampler",
+           "TaskLoaders"]
 
 SPLITS = ("train", "val", "test")
 
@@ -41,6 +46,25 @@ def task_generator(seed: int, split: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(task_seed(seed, split, index))
 
 
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's ``random`` and torch's CPU generator for one task, and restore both afterwards.
+
+    learn2learn's ``NWays``, ``KShots`` and ``RemapLabels`` draw from the global ``random`` module and
+    torchvision's random augmentations from torch's global CPU generator; seeding both from the task's
+    seed makes a task a pure function of its index. Restoring them leaves the caller's random streams
+    untouched (with ``num_workers=0`` this runs in the training process).
+    """
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(state)
+
+
 class _RankShare(DistributedSampler):
     """Base of the task samplers: this process's share of a global index stream.
 
@@ -51,8 +75,7 @@ class _RankShare(DistributedSampler):
     """
 
     def __init__(self, num_tasks: int, num_replicas: int | None = None, rank: int | None = None) -> None:
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"{type(self).__name__} needs a positive number of tasks; got {num_tasks!r}.")
+        check_int(type(self).__name__, "num_tasks", num_tasks)
         if (num_replicas is None) != (rank is None):
             raise ValueError("Give both `num_replicas` and `rank`, or neither (then torch.distributed decides).")
         if num_replicas is not None and not (isinstance(num_replicas, int) and num_replicas >= 1 and 0 <= rank < num_replicas):

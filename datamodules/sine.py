@@ -9,22 +9,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .checks import check_int, check_range
 from .sampling import TaskLoaders, task_generator
 
 __all__ = ["SineDataModule", "SineTasks"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"SineDataModule `{name}` must be a positive integer; got {value!r}.")
-    return value
-
-
-def _check_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
-    low, high = (float(v) for v in value)
-    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
-        raise ValueError(f"SineDataModule `{name}` must be a finite (low, high) pair with low <= high; got {value!r}.")
-    return low, high
 
 
 class SineTasks(Dataset):
@@ -98,15 +86,15 @@ class SineDataModule(TaskLoaders, L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
         for name in ("shots", "queries", "meta_batch_size", "train_tasks_per_epoch", "val_tasks", "test_tasks"):
-            _check_positive_int(name, locals()[name])
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"SineDataModule `num_workers` must be an integer >= 0; got {num_workers!r}.")
+            check_int(owner, name, locals()[name])
+        check_int(owner, "num_workers", num_workers, minimum=0)
         self.save_hyperparameters()
         self.shots, self.queries, self.meta_batch_size = shots, queries, meta_batch_size
         self.train_tasks_per_epoch, self.val_tasks, self.test_tasks = train_tasks_per_epoch, val_tasks, test_tasks
-        self.ranges = dict(amplitude=_check_range("amplitude", amplitude), phase=_check_range("phase", phase),
-                           x_range=_check_range("x_range", x_range))
+        self.ranges = {name: check_range(owner, name, value)
+                       for name, value in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range))}
         self.seed, self.num_workers = seed, num_workers
 
     def tasks(self, split: str, length: int) -> SineTasks:

@@ -1,27 +1,18 @@
 """Keep third-party noise away from our users.
 
-learn2learn imports the unmaintained ``gym``, which prints a deprecation banner to stderr on import;
-Lightning prints an advertisement and a torch-internal deprecation warning. None of it is actionable
-for a user of this package.
+Lightning prints an advertisement and a torch-internal deprecation warning; none of it is actionable
+for a user of this package. learn2learn's import banner is silenced by the data package
+(:func:`datamodules.learn2learn_import.import_learn2learn`, re-exported here for older imports).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import logging
 import warnings
-from types import ModuleType
+
+from datamodules.learn2learn_import import import_learn2learn
 
 __all__ = ["import_learn2learn", "silence_lightning_noise"]
-
-
-def import_learn2learn() -> ModuleType:
-    """``import learn2learn`` without the banner that its ``gym`` import prints."""
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return importlib.import_module("learn2learn")
 
 
 class _DropMessages(logging.Filter):

@@ -68,8 +68,8 @@ def test_training_stream_is_independent_of_workers_and_new_each_epoch():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(shots=0), "`shots` must be a positive integer; got 0"),
-        (dict(meta_batch_size=-1), "`meta_batch_size` must be a positive integer; got -1"),
+        (dict(shots=0), "`shots` must be an integer >= 1; got 0"),
+        (dict(meta_batch_size=-1), "`meta_batch_size` must be an integer >= 1; got -1"),
         (dict(num_workers=-1), "`num_workers` must be an integer >= 0; got -1"),
         (dict(amplitude=(5.0, 0.1)), "`amplitude` must be a finite"),
         (dict(x_range=(float("nan"), 1.0)), "`x_range` must be a finite"),
