@@ -31,7 +31,7 @@ from datamodules import (
 )
 from datamodules.episodic import DownloadError, ImageReadError
 from datamodules.sampling import FixedTaskSampler, TaskIndexSampler
-from metasgd_lightning._quiet import import_learn2learn
+from datamodules.learn2learn_import import import_learn2learn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_OMNIGLOT = REPO.parent / "shared/data/omniglot"
@@ -382,16 +382,22 @@ def test_mini_imagenet_failed_download_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_corrupt_pickle_is_reported_and_deleted_only_when_downloading(tmp_path):
-    fx.mini_imagenet(tmp_path)
-    bad = tmp_path / "mini-imagenet-cache-validation.pkl"
-    bad.write_text("<html>Not Found</html>")
-    with pytest.raises(RuntimeError, match="cannot be read as a mini-ImageNet pickle.*HTML page") as error:
-        MiniImageNetDataModule(root=str(tmp_path), **SMALL).setup("validate")
-    assert str(bad) in str(error.value) and bad.exists()
-    with pytest.raises(RuntimeError, match="It was deleted"):
-        MiniImageNetDataModule(root=str(tmp_path), download=True, **SMALL).setup("validate")
-    assert not bad.exists()
+@pytest.mark.parametrize("make, write, bad, name", [
+    (MiniImageNetDataModule, fx.mini_imagenet, ["mini-imagenet-cache-validation.pkl"], "mini-ImageNet"),
+    (TieredImageNetDataModule, fx.tiered_imagenet,
+     ["tiered-imagenet/val_images_png.pkl", "tiered-imagenet/val_labels.pkl"], "tiered-ImageNet"),
+    (FC100DataModule, fx.fc100, ["FC100_val.pickle"], "FC100"),
+])
+def test_corrupt_data_is_reported_and_deleted_only_when_downloading(tmp_path, make, write, bad, name):
+    # The same rule for every learn2learn benchmark: name the files; delete them only with download=True.
+    write(tmp_path)
+    (tmp_path / bad[0]).write_text("<html>Not Found</html>")
+    with pytest.raises(RuntimeError, match=f"cannot be read as {name} data.*HTML page.*probably a failed") as error:
+        make(root=str(tmp_path), **SMALL).setup("validate")
+    assert all(str(tmp_path / b) in str(error.value) for b in bad) and (tmp_path / bad[0]).exists()
+    with pytest.raises(RuntimeError, match="HTML page.*deleted, so that the next run downloads"):
+        make(root=str(tmp_path), download=True, **SMALL).setup("validate")
+    assert not any((tmp_path / b).exists() for b in bad)
 
 
 def test_omniglot_failed_download_leaves_nothing(tmp_path, monkeypatch):
