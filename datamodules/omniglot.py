@@ -9,12 +9,14 @@ from typing import Literal
 
 from PIL import Image
 
-from metasgd_lightning._quiet import import_learn2learn
+from .checks import check_fractions
+from .class_folders import read_class_folders, split_classes, visible
+from .downloads import cleanup_on_failure
+from .episodic import EpisodicDataModule
+from .images import ImageSource, file_images
+from .learn2learn_import import import_learn2learn
 
-from .episodic import EpisodicDataModule, ImageSource, check_fractions, cleanup_on_failure
-from .image_folder import file_images, read_class_folders, split_classes
-
-__all__ = ["OmniglotDataModule"]
+__all__ = ["OmniglotDataModule", "official_characters"]
 
 #: learn2learn's Omniglot benchmark split of the 1623 characters: 1100 train, 100 validation, 423 test.
 BENCHMARK_SPLIT = (1100, 100, 423)
@@ -23,16 +25,40 @@ BACKGROUND, EVALUATION = "images_background", "images_evaluation"
 CHARACTER = re.compile(r"character\d+")
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    """The visible subfolders of ``folder`` (see :func:`~datamodules.class_folders.visible`), sorted by name."""
+    return sorted((p for p in folder.iterdir() if p.is_dir() and visible(p.name)), key=lambda p: p.name)
+
+
+def _drawings(character: Path) -> list[Path]:
+    """The visible .png files of a character folder, sorted by name."""
+    return sorted((p for p in character.iterdir() if p.suffix == ".png" and p.is_file() and visible(p.name)),
+                  key=lambda p: p.name)
+
+
 def _has_character_folder(root: Path, depth: int = 3) -> bool:
     """Whether a ``characterNN`` folder of .png files lies at most ``depth`` levels below ``root``."""
     try:
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders = _subfolders(root)
     except OSError:
         return False
     for folder in folders:
-        if CHARACTER.fullmatch(folder.name) and any(folder.glob("*.png")):
+        if CHARACTER.fullmatch(folder.name) and _drawings(folder):
             return True
     return depth > 1 and any(_has_character_folder(folder, depth - 1) for folder in folders)
+
+
+def official_characters(folder: Path) -> dict[str, list[Path]]:
+    """``Alphabet/characterNN`` -> its drawings, for one folder of the official layout (e.g. ``images_background``).
+
+    The characters and drawings that torchvision's ``Omniglot`` (under learn2learn's ``FullOmniglot``)
+    reads, in a fixed order: alphabets by name, then each alphabet's characters by name; drawings by
+    name. torchvision lists them in the file system's order, which differs between machines; sorted,
+    the character split (``split_seed``) is the same everywhere. Hidden files and folders (and macOS's
+    ``__MACOSX``) are skipped.
+    """
+    return {f"{alphabet.name}/{character.name}": _drawings(character)
+            for alphabet in _subfolders(folder) for character in _subfolders(alphabet)}
 
 
 class OmniglotDataModule(EpisodicDataModule):
@@ -184,16 +210,13 @@ class OmniglotDataModule(EpisodicDataModule):
             self.fetch()
         l2l = import_learn2learn()
         try:
-            omniglot = l2l.vision.datasets.FullOmniglot(root=str(self.root), download=False)
+            l2l.vision.datasets.FullOmniglot(root=str(self.root), download=False)
         except RuntimeError as error:  # torchvision checks the zips' MD5
             raise RuntimeError(f"Omniglot under {self.l2l_folder} is incomplete or corrupted ({error}). Delete "
                                f"{self.l2l_folder} and run with download=True.") from error
-        # Every character in FullOmniglot's label order (background, then evaluation): no image decoded.
-        classes: dict[str, list[Path]] = {}
-        for part in omniglot.dataset.datasets:
-            folder = Path(part.target_folder)
-            for images, character in zip(part._character_images, part._characters):
-                classes[f"{folder.name}/{character}"] = [folder / character / name for name, _ in images]
+        # Every character, background then evaluation as in FullOmniglot, by name: no image decoded.
+        classes = {f"{part}/{name}": drawings for part in (BACKGROUND, EVALUATION)
+                   for name, drawings in official_characters(self.l2l_folder / part).items()}
         labels = list(range(len(classes)))
         names = list(classes)
         split = split_classes(labels, self.fractions, self.split_seed)

@@ -158,6 +158,46 @@ def test_omniglot_learn2learn_layout(tmp_path, monkeypatch):
     check_batch(dm, "test", next(iter(dm.test_dataloader())), channels=1, size=8)
 
 
+def test_omniglot_learn2learn_characters_are_learn2learns_in_a_fixed_order(tmp_path, monkeypatch):
+    # The same characters and drawings as FullOmniglot (read through its public items: image, label), listed
+    # by name rather than in the file system's order, so that the character split is the same on every machine.
+    import numpy as np
+    import torchvision.datasets.omniglot as tv_omniglot
+    from PIL import Image
+
+    from datamodules.omniglot import official_characters
+
+    monkeypatch.setattr(tv_omniglot.Omniglot, "_check_integrity", lambda self: True)
+    folder = tmp_path / "omniglot-py"
+    fx.omniglot_folder(folder / "images_background", alphabets=3, characters=3, drawings=2, seed=1)
+    fx.omniglot_folder(folder / "images_evaluation", alphabets=2, characters=3, drawings=2, seed=2, start=3)
+    ours = {f"{part}/{name}": drawings for part in ("images_background", "images_evaluation")
+            for name, drawings in official_characters(folder / part).items()}
+    assert list(ours) == sorted(ours) and len(ours) == 15
+    theirs: dict[int, set[bytes]] = {}
+    for image, label in import_learn2learn().vision.datasets.FullOmniglot(root=str(tmp_path)):
+        theirs.setdefault(label, set()).add(np.array(image).tobytes())
+    mine = [{np.array(Image.open(path).convert("L")).tobytes() for path in drawings} for drawings in ours.values()]
+    assert sorted(map(sorted, mine)) == sorted(map(sorted, theirs.values()))
+
+
+def test_omniglot_skips_macos_and_hidden_folders(tmp_path):
+    from datamodules.omniglot import official_characters
+
+    # Only macOS's resource forks of an unzipped archive: not a folder of drawings.
+    fork = tmp_path / "__MACOSX" / "Greek" / "character01"
+    fork.mkdir(parents=True)
+    (fork / "._0101_01.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    assert OmniglotDataModule(root=str(tmp_path), **SMALL).resolved_layout() == "learn2learn"
+    root = fx.omniglot_folder(tmp_path / "images_background", alphabets=1, characters=2, drawings=2)
+    (root / "__MACOSX" / "character01").mkdir(parents=True)
+    (root / ".hidden" / "character01").mkdir(parents=True)
+    (root / "Alphabet_0" / "character01" / "._0000_01.png").write_bytes(b"\x00\x05\x16\x07")
+    characters = official_characters(root)
+    assert list(characters) == ["Alphabet_0/character01", "Alphabet_0/character02"]
+    assert [len(drawings) for drawings in characters.values()] == [2, 2]
+
+
 def test_omniglot_split_dirs(tmp_path):
     dirs = {s: fx.omniglot_folder(tmp_path / s, alphabets=1, characters=4, seed=i)
             for i, s in enumerate(("a", "b", "c"))}
