@@ -14,11 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SineMLP", "ConvNet4", "TaskBatchNorm2d"]
+from datamodules.checks import check_int
+
+__all__ = ["SineMLP", "ConvNet4", "TaskBatchNorm2d", "functorch_transform_active"]
 
 
-def _functorch_transforms_active() -> bool:
-    """Whether a torch.func transform (vmap, grad) is running; ``True`` if torch cannot say."""
+def functorch_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running; ``True`` if torch cannot say.
+
+    torch has no public way to ask this. This function is the one place that uses torch's private
+    ``torch._C._are_functorch_transforms_active``; ``tests/test_third_party_internals.py`` fails if a
+    torch release removes or changes it. Without it, :class:`TaskBatchNorm2d` takes its plain-ops path
+    everywhere: still correct, a little slower.
+    """
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return True if active is None else bool(active())
 
@@ -43,7 +51,7 @@ class TaskBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _functorch_transforms_active():
+        if not functorch_transform_active():
             # Outside torch.func (the loop inner loop, evaluation, plain use) torch's fused kernel gives the
             # same values and correct gradients of every order, and ~25% faster meta-training steps on CPU.
             return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
@@ -110,8 +118,7 @@ class ConvNet4(nn.Module):
             raise ValueError(f"`downsample` must be 'maxpool' or 'stride'; got {downsample!r}.")
         for name, value in (("out_features", out_features), ("in_channels", in_channels),
                             ("hidden_channels", hidden_channels), ("image_size", image_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ConvNet4 `{name}` must be a positive integer; got {value!r}.")
+            check_int("ConvNet4", name, value)
         if downsample == "maxpool" and image_size < 16:
             raise ValueError(f"ConvNet4 with 4 max-pooling blocks needs `image_size` >= 16; got {image_size}. "
                              "Use larger images or downsample='stride'.")
