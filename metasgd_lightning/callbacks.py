@@ -7,25 +7,32 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
+from datamodules.checks import check_int
+
 __all__ = ["LearnedRateMonitor", "MetaSGDCheckpoint"]
 
 
 class MetaSGDCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that keeps ``last.ckpt`` and the best checkpoint by the module's validation metric.
 
-    With ``monitor="auto"`` (the default) the metric comes from the module: ``val/acc`` (higher is
-    better) for classification, ``val/mse`` (lower is better) for regression. Every other argument
-    is ``ModelCheckpoint``'s.
+    With ``monitor="auto"`` (the default) the metric comes from the module's ``monitor`` attribute when
+    the Trainer sets the callback up: ``val/acc`` (higher is better) for classification, ``val/mse``
+    (lower is better) for regression; ``mode`` is then the module's too. Every other argument is
+    ``ModelCheckpoint``'s.
     """
 
     def __init__(self, *args, monitor: str | None = "auto", save_last: bool | None = True,
                  filename: str | None = "best-{step}", **kwargs) -> None:
         super().__init__(*args, monitor=monitor, save_last=save_last, filename=filename, **kwargs)
+        self.constructor_arguments = (args, dict(kwargs, save_last=save_last, filename=filename))
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.monitor == "auto":
-            self.monitor, self.mode = getattr(pl_module, "monitor", (None, "min"))
-            self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
+            # ModelCheckpoint derives its state from `monitor` and `mode` in its constructor: run it again
+            # with the module's metric, before the Trainer restores a saved state of this callback.
+            monitor, mode = getattr(pl_module, "monitor", (None, "min"))
+            args, kwargs = self.constructor_arguments
+            ModelCheckpoint.__init__(self, *args, **{**kwargs, "monitor": monitor, "mode": mode})
         super().setup(trainer, pl_module, stage)
 
 
@@ -35,8 +42,10 @@ class LearnedRateMonitor(Callback):
     Meta-SGD's α is a rate *and* a direction per parameter entry (entries may turn negative). Every
     ``every_n_steps`` training steps this logs, for each adapted parameter, the scalars
     ``lr/<param>/{mean,mean_abs,frac_negative,min,max}`` and, with ``histograms=True`` and a
-    TensorBoard logger, the histogram ``lr/<param>``. Add it to ``trainer.callbacks`` (the ``metasgd``
-    CLI adds it by default; ``--lr_monitor.every_n_steps 0`` switches it off).
+    TensorBoard logger, the histogram ``lr/<param>``. With per-step rates (``per_step_lr``) each inner
+    step's α is logged on its own, as ``lr/<param>/step<k>/...`` and ``lr/<param>/step<k>``. Add it to
+    ``trainer.callbacks`` (the ``metasgd`` CLI adds it by default; ``--lr_monitor.every_n_steps 0``
+    switches it off).
 
     Args:
         every_n_steps: logging interval in training steps (0: off).
@@ -44,9 +53,8 @@ class LearnedRateMonitor(Callback):
     """
 
     def __init__(self, every_n_steps: int = 100, histograms: bool = True) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(f"LearnedRateMonitor `every_n_steps` must be an integer >= 0; got {every_n_steps!r}.")
-        self.every_n_steps, self.histograms = every_n_steps, histograms
+        self.every_n_steps = check_int("LearnedRateMonitor", "every_n_steps", every_n_steps, minimum=0)
+        self.histograms = histograms
 
     @staticmethod
     def statistics(alpha: Tensor) -> dict[str, float]:
@@ -54,6 +62,13 @@ class LearnedRateMonitor(Callback):
         alpha = alpha.detach().float()
         values = torch.stack([alpha.mean(), alpha.abs().mean(), (alpha < 0).float().mean(), alpha.min(), alpha.max()])
         return dict(zip(("mean", "mean_abs", "frac_negative", "min", "max"), values.tolist()))
+
+    @staticmethod
+    def rates(meta) -> dict[str, Tensor]:
+        """Every learned α of a ``MetaSGD`` by its tag: ``<param>``, or ``<param>/step<k>`` with per-step rates."""
+        if not meta.per_step_lr:
+            return {name: meta.lr(name) for name in meta.adapted_names}
+        return {f"{name}/step{k}": meta.lr(name, k) for name in meta.adapted_names for k in range(meta.inner_steps)}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # global_step already counts this batch's update; Lightning logs this batch's metrics one step earlier.
@@ -66,9 +81,8 @@ class LearnedRateMonitor(Callback):
         if not meta.learn_lr:
             return
         metrics = {}
-        for name in meta.adapted_names:
-            alpha = meta.lr(name)
-            metrics.update({f"lr/{name}/{stat}": value for stat, value in self.statistics(alpha).items()})
+        for tag, alpha in self.rates(meta).items():
+            metrics.update({f"lr/{tag}/{stat}": value for stat, value in self.statistics(alpha).items()})
             if self.histograms and isinstance(trainer.logger, TensorBoardLogger):
-                trainer.logger.experiment.add_histogram(f"lr/{name}", alpha.detach().float().cpu(), step)
+                trainer.logger.experiment.add_histogram(f"lr/{tag}", alpha.detach().float().cpu(), step)
         trainer.logger.log_metrics(metrics, step=step)
