@@ -11,10 +11,23 @@ import torch
 __all__ = ["plot_learned_rates", "main"]
 
 
-def plot_learned_rates(checkpoint_path: str | Path, out: str | Path, bins: int = 60) -> Path:
+def plot_learned_rates(checkpoint_path: str | Path, out: str | Path, bins: int = 60, trusted: bool = False) -> Path:
     """Draw one histogram of α per adapted parameter tensor from a checkpoint, and save it to ``out``.
 
     Each panel gives the share of negative entries: Meta-SGD learns a direction as well as a rate.
+
+    Args:
+        checkpoint_path: a checkpoint of ``MetaSGDLightningModule``.
+        out: the image to write.
+        bins: histogram bins.
+        trusted: allow unpickling arbitrary objects (a checkpoint of a module built in Python whose model
+            is pickled); by default the checkpoint is read with PyTorch's safe ``weights_only`` loading,
+            as :func:`metasgd_lightning.inference.load_meta_learner` reads it.
+
+    Raises:
+        FileNotFoundError: no file at ``checkpoint_path``.
+        ValueError: not a readable checkpoint (without ``trusted``: one that needs unpickling), or one
+            without learned rates.
     """
     import matplotlib
 
@@ -24,7 +37,13 @@ def plot_learned_rates(checkpoint_path: str | Path, out: str | Path, bins: int =
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
-    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
+        hint = "" if trusted else (" If it is a checkpoint of a module built in Python (its model is pickled) and you "
+                                   "trust it, pass trusted=True (--trusted on the command line).")
+        raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {str(error).splitlines()[0]}.{hint}") from error
+    state = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     rates = {k.removeprefix("meta_learner.lrs.").replace("-", "."): v.float() for k, v in state.items()
              if k.startswith("meta_learner.lrs.")}
     if not rates:
@@ -56,5 +75,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("checkpoint", help="a checkpoint written by `metasgd fit`")
     parser.add_argument("--out", default="lrs.png", help="the image to write (default: lrs.png)")
     parser.add_argument("--bins", type=int, default=60)
+    parser.add_argument("--trusted", action="store_true",
+                        help="unpickle arbitrary objects (a checkpoint of a module built in Python; only files you trust)")
     args = parser.parse_args(argv)
-    print(f"Wrote {plot_learned_rates(args.checkpoint, args.out, args.bins)}")
+    print(f"Wrote {plot_learned_rates(args.checkpoint, args.out, args.bins, trusted=args.trusted)}")
