@@ -1,8 +1,12 @@
 """metasgd-lightning: Meta-SGD (Li et al., 2017) as PyTorch Lightning modules.
 
-- :class:`MetaSGD`: the maths (θ and a learned rate α per parameter entry), no Lightning.
-- :class:`MetaSGDLightningModule`: the training recipe, with manual optimisation.
-- :mod:`metasgd_lightning.models`: the networks of the papers.
+- :class:`MetaSGD` (``metasgd.py``): the maths (θ and a learned rate α per parameter entry), no Lightning.
+- :class:`MetaSGDLightningModule` (``module.py``): the training recipe, with manual optimisation.
+- :mod:`metasgd_lightning.models`: the networks of the papers; ``metrics.py``: :class:`TaskMeanCI`.
+- ``callbacks.py``: the checkpoint and α-monitor callbacks; ``cli.py``: the ``metasgd`` command;
+  ``plotting.py``: ``metasgd plot-lrs``; ``inference.py``: use a checkpoint on a new task.
+
+The data modules are the separate package :mod:`datamodules`, which this one imports (never the other way).
 """
 
 from .metasgd import InnerLoopDivergedError, MetaSGD, TaskBatchResult

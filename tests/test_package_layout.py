@@ -1,0 +1,80 @@
+"""The packages' structure: imports run one way, and names keep working where they were imported from before."""
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _imported_modules(path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "datamodules").glob("*.py")), ids=lambda p: p.name)
+def test_no_data_module_imports_metasgd_lightning(path):
+    # metasgd_lightning imports datamodules (the CLI, inference), so the arrow must not run back.
+    assert not [m for m in _imported_modules(path) if m.split(".")[0] == "metasgd_lightning"]
+
+
+def test_importing_every_data_module_leaves_metasgd_lightning_unimported():
+    names = sorted(f"datamodules.{p.stem}" for p in (REPO / "datamodules").glob("*.py") if p.stem != "__init__")
+    code = (f"import importlib, sys\nfor name in {names!r}:\n    importlib.import_module(name)\n"
+            "assert not [m for m in sys.modules if m.startswith('metasgd_lightning')], 'metasgd_lightning imported'\n")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
+
+
+# Every public name of the modules that the split moved, where it could be imported from before.
+OLD_IMPORTS = {
+    "datamodules.episodic": ["ArrayImages", "DatasetImages", "DownloadError", "EpisodicDataModule", "EpisodicTasks",
+                             "ImageReadError", "ImageSource", "ImageTransform", "STAGE_SPLITS", "check_fractions",
+                             "check_int", "check_normalisation", "cleanup_on_failure", "describe_bad_file",
+                             "seeded_global_rngs", "split_support_query", "standard_augmentation"],
+    "datamodules.image_folder": ["FileImages", "IMAGE_EXTENSIONS", "ImageFolderDataModule", "file_images",
+                                 "find_class_folders", "read_class_folders", "split_classes", "visible"],
+    "datamodules.imagenet": ["MODES", "ZENODO", "MiniImageNetDataModule", "TieredImageNetDataModule"],
+    "datamodules.cifar": ["CIFARFSDataModule", "FC100DataModule"],
+    "datamodules.omniglot": ["BENCHMARK_FRACTIONS", "BENCHMARK_SPLIT", "OmniglotDataModule"],
+    "datamodules.sampling": ["SPLITS", "FixedTaskSampler", "TaskIndexSampler", "TaskLoaders", "task_generator",
+                             "task_seed"],
+    "datamodules.lake_oneshot": ["OmniglotOneShotDataModule", "PUBLISHED_ERROR_RATES"],
+    "metasgd_lightning._quiet": ["import_learn2learn", "silence_lightning_noise"],
+    "datamodules": ["CIFARFSDataModule", "EpisodicDataModule", "FC100DataModule", "ImageFolderDataModule",
+                    "MiniImageNetDataModule", "OmniglotDataModule", "OmniglotOneShotDataModule", "SineDataModule",
+                    "TieredImageNetDataModule"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(OLD_IMPORTS))
+def test_names_are_still_importable_from_where_they_were(module):
+    import importlib
+
+    imported = importlib.import_module(module)
+    assert [name for name in OLD_IMPORTS[module] if not hasattr(imported, name)] == []
+
+
+def test_moved_names_are_the_same_objects_as_in_their_new_homes():
+    from datamodules import class_folders, downloads, episodic, image_folder, images, preprocessing, tasks
+
+    assert episodic.ImageTransform is preprocessing.ImageTransform and episodic.ImageSource is images.ImageSource
+    assert episodic.EpisodicTasks is tasks.EpisodicTasks and episodic.DownloadError is downloads.DownloadError
+    assert image_folder.visible is class_folders.visible and image_folder.FileImages is images.FileImages
+
+
+def test_the_four_learn2learn_benchmarks_share_one_base():
+    from datamodules import CIFARFSDataModule, FC100DataModule, MiniImageNetDataModule, TieredImageNetDataModule
+    from datamodules.learn2learn_benchmark import Learn2LearnBenchmark
+
+    for cls in (MiniImageNetDataModule, TieredImageNetDataModule, CIFARFSDataModule, FC100DataModule):
+        assert issubclass(cls, Learn2LearnBenchmark) and "load_split" not in vars(cls)
+    # The stored image size is each set's default, shown by the CLI and recorded in checkpoints.
+    assert MiniImageNetDataModule(root=None).hparams["image_size"] == 84
+    assert FC100DataModule(root=None, ways=3).hparams == {**FC100DataModule(root=None).hparams, "ways": 3}
+    assert CIFARFSDataModule(root=None).image_size == 32 and CIFARFSDataModule(root=None).padding == 4
