@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from datamodules.checks import check_int
+from .metasgd import check_positive_int
 
 __all__ = ["LearnedRateMonitor", "MetaSGDCheckpoint"]
 
@@ -53,7 +53,7 @@ class LearnedRateMonitor(Callback):
     """
 
     def __init__(self, every_n_steps: int = 100, histograms: bool = True) -> None:
-        self.every_n_steps = check_int("LearnedRateMonitor", "every_n_steps", every_n_steps, minimum=0)
+        self.every_n_steps = check_positive_int("every_n_steps", every_n_steps, minimum=0)
         self.histograms = histograms
 
     @staticmethod

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datamodules.checks import check_int
+from .metasgd import check_positive_int
 
 __all__ = ["SineMLP", "ConvNet4", "TaskBatchNorm2d", "functorch_transform_active"]
 
@@ -118,7 +118,7 @@ class ConvNet4(nn.Module):
             raise ValueError(f"`downsample` must be 'maxpool' or 'stride'; got {downsample!r}.")
         for name, value in (("out_features", out_features), ("in_channels", in_channels),
                             ("hidden_channels", hidden_channels), ("image_size", image_size)):
-            check_int("ConvNet4", name, value)
+            check_positive_int(name, value)
         if downsample == "maxpool" and image_size < 16:
             raise ValueError(f"ConvNet4 with 4 max-pooling blocks needs `image_size` >= 16; got {image_size}. "
                              "Use larger images or downsample='stride'.")

@@ -64,5 +64,5 @@ def test_rate_monitor_logs_every_step_of_per_step_rates(per_step_lr):
 
 
 def test_rate_monitor_interval_is_checked():
-    with pytest.raises(ValueError, match="LearnedRateMonitor `every_n_steps` must be an integer >= 0; got -1"):
+    with pytest.raises(ValueError, match="`every_n_steps` must be an integer >= 0; got -1"):
         LearnedRateMonitor(every_n_steps=-1)
