@@ -38,6 +38,7 @@ def test_old_omniglot_checkpoint_rebuilds_its_preprocessing():
     assert repr(checkpoint_transform(module)) == repr(OmniglotDataModule(image_size=28).transform("test"))
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # the fixture's run folder is not this one
 @pytest.mark.parametrize("name, metric", [("sine", ("val/mse", "min")), ("omniglot", ("val/acc", "max"))])
 def test_old_checkpoint_callback_state_is_found(tmp_path, name, metric):
     # Lightning restores a callback's state by its state key, which holds the monitored metric and mode.
