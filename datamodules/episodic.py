@@ -227,7 +227,16 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__}: split '{split}' is not loaded; call setup() first "
                                f"(the Trainer does).")
-        return EpisodicTasks(self.datasets[split], split, length, self.ways, self.shots, self.queries, self.seed)
+        return EpisodicTasks(self.datasets[split], split, length, self.ways, self.shots, self.queries, self.seed,
+                             self.task_groups(split))
+
+    def task_groups(self, split: str) -> dict[int, str] | None:
+        """The group of each class label of ``split`` if its tasks draw all their classes from one group, else ``None``.
+
+        ``None`` here; :class:`~datamodules.OmniglotDataModule` with ``within_alphabet=True`` groups
+        characters by alphabet.
+        """
+        return None
 
     # -- helpers for subclasses -------------------------------------------------------------------
 

@@ -49,6 +49,8 @@ class ImageSource(Dataset, abc.ABC):
         self.keys, self.labels = list(keys), [int(label) for label in labels]
         self.class_names = dict(class_names)
         self.turns: list[int] | None = None  # quarter turns per item (rotated classes)
+        # The group of each class (e.g. the alphabet of an Omniglot character), for tasks drawn within one group.
+        self.class_groups: dict[int, str] | None = None
         self.transform = transform
 
     @abc.abstractmethod
@@ -90,6 +92,8 @@ class ImageSource(Dataset, abc.ABC):
         out.labels = [4 * label + t for t in range(4) for label in self.labels]
         out.class_names = {4 * label + t: f"{name} (rotated {90 * t})" if t else name
                            for label, name in self.class_names.items() for t in range(4)}
+        if self.class_groups is not None:  # a rotated character stays in its alphabet
+            out.class_groups = {4 * label + t: group for label, group in self.class_groups.items() for t in range(4)}
         return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +17,7 @@ from .episodic import EpisodicDataModule
 from .images import ImageSource, file_images
 from .learn2learn_import import import_learn2learn
 
-__all__ = ["OmniglotDataModule", "official_characters"]
+__all__ = ["OmniglotDataModule", "alphabet_of", "official_characters"]
 
 #: learn2learn's Omniglot benchmark split of the 1623 characters: 1100 train, 100 validation, 423 test.
 BENCHMARK_SPLIT = (1100, 100, 423)
@@ -46,6 +47,11 @@ def _has_character_folder(root: Path, depth: int = 3) -> bool:
         if CHARACTER.fullmatch(folder.name) and _drawings(folder):
             return True
     return depth > 1 and any(_has_character_folder(folder, depth - 1) for folder in folders)
+
+
+def alphabet_of(drawings: list[Path]) -> str:
+    """The alphabet of a character: the folder above its own, in the layout ``<Alphabet>/characterNN/*.png``."""
+    return Path(drawings[0]).parent.parent.name
 
 
 def official_characters(folder: Path) -> dict[str, list[Path]]:
@@ -82,6 +88,18 @@ class OmniglotDataModule(EpisodicDataModule):
       (downloading if ``download``).
     * ``train_dir``/``val_dir``/``test_dir``: one official-layout folder per split (overrides ``layout``).
 
+    How the characters are split (``split_by``):
+
+    * ``"character"`` (default): characters are shuffled and cut by ``fractions``: test characters are new,
+      their alphabets are not (the MAML and Meta-SGD protocol).
+    * ``"alphabet"``: whole alphabets go to one split, so test tasks come from alphabets never seen in
+      training. ``val_alphabets`` and ``test_alphabets`` name them (the rest train), or, if both are
+      ``None``, the alphabets are shuffled with ``split_seed`` and cut by ``fractions``.
+
+    With ``within_alphabet`` every task draws its ``ways`` characters from one alphabet (chosen uniformly
+    among those with at least ``ways`` characters), as in the 20 runs of Lake et al.'s one-shot
+    challenge: harder than tasks that mix alphabets, whose characters tend to differ more.
+
     Args:
         root: the data folder (see ``layout``).
         layout: ``"auto"``, ``"learn2learn"`` or ``"folder"``.
@@ -89,7 +107,11 @@ class OmniglotDataModule(EpisodicDataModule):
         val_dir: folder of the validation characters.
         test_dir: folder of the test characters.
         fractions: (train, val, test) shares of the characters; ``None``: 1100/100/423 of 1623.
-        split_seed: seed of the character split.
+        split_seed: seed of the character (or alphabet) split.
+        split_by: ``"character"`` or ``"alphabet"`` (see above).
+        val_alphabets: with ``split_by="alphabet"``, the validation alphabets' folder names.
+        test_alphabets: with ``split_by="alphabet"``, the test alphabets' folder names.
+        within_alphabet: draw each task's characters from one alphabet.
         image_size: height and width of the images (28 in MAML and Meta-SGD).
         rotations: rotated training characters as new classes (x4 training classes).
         invert: strokes 1 on 0 (``True``), or 0 on 1 as stored.
@@ -136,6 +158,10 @@ class OmniglotDataModule(EpisodicDataModule):
         test_dir: str | None = None,
         fractions: tuple[float, float, float] | None = None,
         split_seed: int = 0,
+        split_by: Literal["character", "alphabet"] = "character",
+        val_alphabets: list[str] | None = None,
+        test_alphabets: list[str] | None = None,
+        within_alphabet: bool = False,
         image_size: int = 28,
         rotations: bool = True,
         invert: bool = True,
@@ -163,6 +189,21 @@ class OmniglotDataModule(EpisodicDataModule):
                            for split, d in (("train", train_dir), ("val", val_dir), ("test", test_dir))}
         self.fractions = BENCHMARK_FRACTIONS if fractions is None else check_fractions(owner, fractions)
         self.split_seed, self.rotations = split_seed, rotations
+        if split_by not in ("character", "alphabet"):
+            raise ValueError(f"{owner} `split_by` must be 'character' or 'alphabet'; got {split_by!r}.")
+        if split_by == "character" and (val_alphabets or test_alphabets):
+            raise ValueError(f"{owner} `val_alphabets`/`test_alphabets` name whole alphabets per split, which needs "
+                             f"split_by='alphabet'; got split_by='character'.")
+        if (val_alphabets is None) != (test_alphabets is None):
+            raise ValueError(f"{owner} needs both `val_alphabets` and `test_alphabets` (the rest train), or neither "
+                             f"(then `fractions` split the alphabets); got val_alphabets={val_alphabets!r}, "
+                             f"test_alphabets={test_alphabets!r}.")
+        both = set(val_alphabets or ()) & set(test_alphabets or ())
+        if both:
+            raise ValueError(f"{owner}: alphabets {sorted(both)} are in both `val_alphabets` and `test_alphabets`; "
+                             "an alphabet belongs to one split.")
+        self.split_by, self.within_alphabet = split_by, within_alphabet
+        self.split_alphabets = None if val_alphabets is None else {"val": list(val_alphabets), "test": list(test_alphabets)}
         self._classes: dict[str, dict[str, list[Path]] | None] | None = None
 
     # -- where the data is ------------------------------------------------------------------------
@@ -199,7 +240,7 @@ class OmniglotDataModule(EpisodicDataModule):
                                 "release from https://github.com/brendenlake/omniglot."):
             l2l.vision.datasets.FullOmniglot(root=str(self.root), download=True)
 
-    def _l2l_classes(self) -> dict[str, dict[str, list[Path]]]:
+    def _l2l_characters(self) -> dict[str, list[Path]]:
         if not self._l2l_present():
             if not self.download:
                 raise self.missing_data(
@@ -215,24 +256,50 @@ class OmniglotDataModule(EpisodicDataModule):
             raise RuntimeError(f"Omniglot under {self.l2l_folder} is incomplete or corrupted ({error}). Delete "
                                f"{self.l2l_folder} and run with download=True.") from error
         # Every character, background then evaluation as in FullOmniglot, by name: no image decoded.
-        classes = {f"{part}/{name}": drawings for part in (BACKGROUND, EVALUATION)
-                   for name, drawings in official_characters(self.l2l_folder / part).items()}
-        labels = list(range(len(classes)))
-        names = list(classes)
-        split = split_classes(labels, self.fractions, self.split_seed)
-        return {s: {names[label]: classes[names[label]] for label in split[s]} for s in split}
+        return {f"{part}/{name}": drawings for part in (BACKGROUND, EVALUATION)
+                for name, drawings in official_characters(self.l2l_folder / part).items()}
 
     def split_class_folders(self) -> dict[str, dict[str, list[Path]] | None]:
         """Character name -> drawing files, per split."""
         if self._classes is None:
             layout = self.resolved_layout()
-            if layout == "learn2learn":
-                self._classes = self._l2l_classes()
-            elif layout == "folder":
-                self._classes = read_class_folders(self, self.root, {}, self.fractions, self.split_seed)
-            else:
+            if layout == "dirs":
+                if self.split_by == "alphabet":
+                    raise ValueError(f"{type(self).__name__}: `train_dir`/`val_dir`/`test_dir` already are the splits; "
+                                     "split_by='alphabet' splits one folder. Use one or the other.")
                 self._classes = read_class_folders(self, None, self.split_dirs, self.fractions, self.split_seed)
+            else:
+                if layout == "learn2learn":
+                    characters = self._l2l_characters()
+                else:  # every character of the folder, unsplit
+                    characters = read_class_folders(self, self.root, {}, (1.0, 0.0, 0.0), self.split_seed)["train"]
+                self._classes = self._split(characters)
         return self._classes
+
+    def _split(self, characters: dict[str, list[Path]]) -> dict[str, dict[str, list[Path]]]:
+        """Cut the characters into train/val/test: by character, or by whole alphabets."""
+        if self.split_by == "character":
+            names = split_classes(list(characters), self.fractions, self.split_seed)
+            return {split: {name: characters[name] for name in names[split]} for split in names}
+        by_alphabet: dict[str, list[str]] = {}
+        for name, drawings in characters.items():
+            by_alphabet.setdefault(alphabet_of(drawings), []).append(name)
+        if self.split_alphabets is None:
+            alphabets = split_classes(list(by_alphabet), self.fractions, self.split_seed)
+        else:
+            unknown = sorted(set(self.split_alphabets["val"] + self.split_alphabets["test"]) - set(by_alphabet))
+            if unknown:
+                raise ValueError(f"{type(self).__name__}: no alphabet {unknown} under {self.root}; its alphabets are "
+                                 f"{sorted(by_alphabet)}. Check `val_alphabets` and `test_alphabets`.")
+            held_out = set(self.split_alphabets["val"]) | set(self.split_alphabets["test"])
+            alphabets = {"train": sorted(set(by_alphabet) - held_out), **self.split_alphabets}
+        empty = [split for split, names in alphabets.items() if not names]
+        if empty:
+            raise ValueError(f"{type(self).__name__}: split_by='alphabet' leaves the {' and '.join(empty)} split without "
+                             f"an alphabet ({len(by_alphabet)} alphabets: {sorted(by_alphabet)}). Name the alphabets "
+                             "with `val_alphabets`/`test_alphabets`, or change `fractions`.")
+        return {split: {name: characters[name] for alphabet in names for name in by_alphabet[alphabet]}
+                for split, names in alphabets.items()}
 
     # -- the splits -------------------------------------------------------------------------------
 
@@ -241,4 +308,19 @@ class OmniglotDataModule(EpisodicDataModule):
         if classes is None:
             raise ValueError(f"{type(self).__name__} needs the {split} split here, but `{split}_dir` is not set.")
         source = file_images(classes, self.transform(split))
+        source.class_groups = {label: alphabet_of(classes[name]) for label, name in enumerate(classes)}
         return source.with_rotations() if self.rotations and split == "train" else source
+
+    def task_groups(self, split: str) -> dict[int, str] | None:
+        """With ``within_alphabet``, the alphabet of every class of ``split`` (after :meth:`setup`)."""
+        return self.sources[split].class_groups if self.within_alphabet else None
+
+    def check_split(self, split: str, source: ImageSource) -> None:
+        super().check_split(split, source)
+        if self.within_alphabet:
+            sizes = Counter(source.class_groups.values())
+            if max(sizes.values()) < self.ways:
+                largest = max(sizes, key=sizes.get)
+                raise ValueError(f"{self.name} split '{split}': within_alphabet=True needs an alphabet with at least "
+                                 f"ways={self.ways} characters, but the largest, '{largest}', has {sizes[largest]}. "
+                                 "Lower `ways`, or set within_alphabet=False.")

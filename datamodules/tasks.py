@@ -11,6 +11,8 @@ DataLoader's worker processes.
 from __future__ import annotations
 
 import pickle
+import random
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,7 +25,7 @@ from .sampling import seeded_global_rngs, task_seed
 if TYPE_CHECKING:
     from learn2learn.data import MetaDataset
 
-__all__ = ["EpisodicTasks", "split_support_query"]
+__all__ = ["EpisodicTasks", "NWaysWithinGroup", "split_support_query"]
 
 
 def split_support_query(x: Tensor, y: Tensor, ways: int, shots: int,
@@ -46,12 +48,48 @@ def split_support_query(x: Tensor, y: Tensor, ways: int, shots: int,
     return support_x, labels.repeat_interleave(shots), query_x, labels.repeat_interleave(queries)
 
 
+class NWaysWithinGroup:
+    """A learn2learn task transform: ``n`` classes, all of one group (e.g. one Omniglot alphabet).
+
+    Used in place of learn2learn's ``NWays`` as the first transform of a ``Taskset``: it picks a group
+    uniformly among those with at least ``n`` classes, then ``n`` of its classes, with Python's global
+    ``random`` (seeded per task by :class:`EpisodicTasks`). The protocol of Lake et al.'s one-shot
+    challenge, where each run's 20 characters come from one alphabet.
+
+    Args:
+        dataset: the split's ``learn2learn.data.MetaDataset``.
+        n: classes per task.
+        groups: the group of every class label of ``dataset``.
+    """
+
+    def __init__(self, dataset: MetaDataset, n: int, groups: Mapping[int, str]) -> None:
+        self.dataset, self.n = dataset, n
+        members: dict[str, list[int]] = {}
+        for label in sorted(dataset.labels):
+            members.setdefault(groups[label], []).append(label)
+        self.members = {group: labels for group, labels in sorted(members.items()) if len(labels) >= n}
+        if not self.members:
+            largest = max(members.items(), key=lambda item: len(item[1]))
+            raise ValueError(f"No group has {n} classes for tasks drawn within one group: the largest, "
+                             f"'{largest[0]}', has {len(largest[1])}. Lower `ways` or turn off within-group tasks.")
+
+    def __call__(self, task_description: list | None) -> list:
+        if task_description is not None:
+            raise ValueError("NWaysWithinGroup must be the first task transform (it starts a task description).")
+        from learn2learn.data.task_dataset import DataDescription
+
+        group = random.choice(list(self.members))
+        labels = random.sample(self.members[group], k=self.n)
+        return [DataDescription(index) for label in labels for index in self.dataset.labels_to_indices[label]]
+
+
 class EpisodicTasks(Dataset):
     """N-way K-shot tasks of one split: item ``i`` is task ``i``, a pure function of ``(seed, split, i)``.
 
     Each item is ``(support_x [N*K, C, H, W], support_y [N*K], query_x [N*Q, C, H, W], query_y [N*Q])``
     with labels ``0..N-1``. Tasks come from a learn2learn ``Taskset`` with the usual task transforms:
-    ``NWays(N)``, ``KShots(K + Q)``, ``LoadData`` and ``RemapLabels``, run under the task's seed.
+    ``NWays(N)`` (or :class:`NWaysWithinGroup` with ``groups``), ``KShots(K + Q)``, ``LoadData`` and
+    ``RemapLabels``, run under the task's seed.
 
     Args:
         dataset: the split's ``learn2learn.data.MetaDataset``.
@@ -61,16 +99,19 @@ class EpisodicTasks(Dataset):
         shots: support images per class (K).
         queries: query images per class (Q).
         seed: the data module's seed.
+        groups: the group of every class label: each task's classes then come from one group.
     """
 
     def __init__(self, dataset: MetaDataset, split: str, length: int, ways: int, shots: int, queries: int,
-                 seed: int) -> None:
+                 seed: int, groups: Mapping[int, str] | None = None) -> None:
         l2l = import_learn2learn()
         transforms = l2l.data.transforms
         self.dataset, self.split, self.length, self.ways, self.shots, self.queries, self.seed = (
             dataset, split, length, ways, shots, queries, seed)
+        self.groups = None if groups is None else dict(groups)
+        first = transforms.NWays(dataset, n=ways) if groups is None else NWaysWithinGroup(dataset, ways, groups)
         self.taskset = l2l.data.Taskset(dataset, task_transforms=[
-            transforms.NWays(dataset, n=ways),
+            first,
             transforms.KShots(dataset, k=shots + queries),
             transforms.LoadData(dataset),
             transforms.RemapLabels(dataset),
@@ -82,7 +123,8 @@ class EpisodicTasks(Dataset):
     def __reduce__(self):
         # DataLoader workers started by spawn or forkserver unpickle this; learn2learn must be imported
         # quietly there before the pickled learn2learn objects import it (with gym's banner).
-        arguments = (self.dataset, self.split, self.length, self.ways, self.shots, self.queries, self.seed)
+        arguments = (self.dataset, self.split, self.length, self.ways, self.shots, self.queries, self.seed,
+                     self.groups)
         return _restore_tasks, (pickle.dumps(arguments),)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
