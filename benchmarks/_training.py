@@ -57,7 +57,7 @@ def fit_and_test(module: L.LightningModule, data: L.LightningDataModule, steps: 
         trainer.fit(module, data)
     except InnerLoopDivergedError as error:
         record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step,
-                      diverged=f"training, meta-step {trainer.global_step}: {str(error).split('. The inner')[0]}")
+                      diverged=_first_sentence(error))
         return record
     record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step)
     metric = module.metric_names[-1]  # "mse" or "acc"
@@ -66,19 +66,24 @@ def fit_and_test(module: L.LightningModule, data: L.LightningDataModule, steps: 
             scores = L.Trainer(**TRAINER_ARGS).validate(module, data, verbose=False)[0]
             record["val"] = {"mean": scores[f"val/{metric}"], "ci95": scores[f"val/{metric}_ci95"]}
         except InnerLoopDivergedError as error:
-            record["val"] = {"diverged": f"validation: {str(error).split('. The inner')[0]}"}
+            record["val"] = {"diverged": _first_sentence(error)}
     record["eval"] = {}
     for n in eval_steps:
         module.eval_inner_steps = n
         try:
             L.Trainer(**TRAINER_ARGS).test(module, data, verbose=False)
         except InnerLoopDivergedError as error:
-            record["eval"][n] = {"diverged": f"test: {str(error).split('. The inner')[0]}"}
+            record["eval"][n] = {"diverged": _first_sentence(error)}
             continue
         result = module.test_results[metric]
         record["eval"][n] = {"mean": float(result["mean"]), "ci95": float(result["ci95"]),
                              "values": result["values"].tolist()}
     return record
+
+
+def _first_sentence(error: Exception) -> str:
+    """``InnerLoopDivergedError``'s where and what (e.g. "training (global step 292): the support loss ..."), without the advice."""
+    return str(error).split(". The inner loop diverged")[0]
 
 
 def max_over_median(values: Sequence[float]) -> float:

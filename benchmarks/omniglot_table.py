@@ -1,33 +1,38 @@
-"""Meta-SGD against MAML on real Omniglot: 5-way 1-shot and 20-way 1-shot, on held-out characters.
+"""Meta-SGD against MAML on real Omniglot: held-out characters, and alphabets never seen in training.
 
 Reads the official Omniglot "background small 1" split (5 alphabets, 136 characters) from the zip in
-``../shared/data/omniglot/`` (unzipped into a temporary folder for the run, never into the repository),
-splits its characters into train/validation/test with ``--fractions`` (training characters rotated by
-90° as new classes), and trains both methods on the same task stream with the same budget:
+``../shared/data/omniglot/`` (unzipped into a temporary folder for the run, never into the repository).
+Two protocols (``--protocol``):
 
-* Meta-SGD: α learned, one per parameter, initialised uniformly in [0.005, 0.1];
-* MAML: α fixed at 0.4 (MAML's rate for one inner step on Omniglot, Finn et al. 2017).
+* ``characters``: the characters of all 5 alphabets split into train/validation/test (``--fractions``);
+  5-way 1-shot and 20-way 1-shot test tasks of held-out characters. Meta-SGD runs in several variants
+  (``VARIANTS``) beside MAML, every row on the same task stream and budget; each row is also scored
+  on the validation tasks, the only score that may choose a variant.
+* ``alphabets``: leave one alphabet out, each in turn (5 folds): the test tasks use only the held-out
+  alphabet, validation the next alphabet, training the other three. 5-way 1-shot tasks, and 20-way
+  1-shot tasks whose 20 characters all come from one alphabet (``within_alphabet``: the protocol of
+  Lake et al.'s one-shot challenge, scored as an error rate). Reported per fold and pooled over the
+  5 folds' test tasks.
 
-Both use the strided 4-block ConvNet with 64 channels, one inner step in training and testing, second
-order, Adam with meta learning rate 1e-3. Each is then tested on the same fixed test tasks drawn from
-the held-out characters, and the script prints accuracy ± 95% interval (1.96·std/√n over tasks).
+Every row: the strided 64-channel ConvNet4, second order, Adam 1e-3, one query per class, training
+characters rotated by 90° as new classes; MAML is the published algorithm (fixed α = 0.4, plain steps).
+Each row is tested on the same fixed test tasks at its own number of inner steps and at 10, and the
+script prints accuracy ± 95% interval (1.96·std/√n over tasks).
 
-    python benchmarks/omniglot_table.py                 # the default CPU budget (about 40 minutes on 2 otherwise idle cores)
-    python benchmarks/omniglot_table.py --steps 50 20   # a smoke run
+    python benchmarks/omniglot_table.py --jobs 2                         # characters, all variants
+    python benchmarks/omniglot_table.py --protocol alphabets --jobs 2    # leave-one-alphabet-out
+    python benchmarks/omniglot_table.py --steps 30 10 --no-write          # a smoke run
 
-Writes the table and the command to docs/results.md and the records to
-benchmarks/results/omniglot_table.json.
+Writes each protocol's table and command to docs/results.md and the records to
+benchmarks/results/omniglot_{characters,alphabets}.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import shlex
 import sys
 import tempfile
-import time
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -38,87 +43,198 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._results import write_results  # noqa: E402
+from benchmarks._training import fit_and_test, quiet, run_rows  # noqa: E402
 from datamodules import OmniglotDataModule  # noqa: E402
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule  # noqa: E402
-from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
 
 SHARED_ZIP = REPO.parent / "shared/data/omniglot/images_background_small1.zip"
-METHODS = {"Meta-SGD": dict(init_lr=(0.005, 0.1), learn_lr=True), "MAML": dict(init_lr=0.4, learn_lr=False)}
+ALPHABETS = ("Balinese", "Early_Aramaic", "Greek", "Korean", "Latin")
+EVAL_STEPS = 10
+MAML = dict(init_lr=0.4, learn_lr=False, line_search="off")
+# Meta-SGD variants: (inner steps, module arguments). "paper" is Li et al.'s setting.
+VARIANTS = {
+    "paper: α₀ ~ U[0.005, 0.1]": (1, dict(init_lr=(0.005, 0.1))),
+    "α₀ = 0.4 (MAML's rate)": (1, dict(init_lr=0.4)),
+    "α₀ ~ U[0.005, 0.1], α meta-lr 5e-3": (1, dict(init_lr=(0.005, 0.1), lr_meta_lr=5e-3)),
+    "α₀ = 0.4, 3 steps": (3, dict(init_lr=0.4)),
+    "α₀ = 0.4, 3 steps, per-step α": (3, dict(init_lr=0.4, per_step_lr=True)),
+}
 # Li et al. 2017, Table 2, on the full Omniglot (1200 training characters, 60,000 meta-iterations).
 PUBLISHED = {("MAML", 5): "98.7 ± 0.4", ("Meta-SGD", 5): "99.53 ± 0.26",
              ("MAML", 20): "95.8 ± 0.3", ("Meta-SGD", 20): "95.93 ± 0.38"}
 
 
-def run(method: str, root: Path, ways: int, steps: int, meta_batch: int, args) -> dict:
-    L.seed_everything(args.seed, verbose=False)
-    data = OmniglotDataModule(root=str(root), layout="folder", fractions=tuple(args.fractions), ways=ways, shots=1,
-                              queries=1, meta_batch_size=meta_batch, train_tasks_per_epoch=steps * meta_batch,
-                              val_tasks=meta_batch, test_tasks=args.test_tasks, seed=args.seed,
-                              num_workers=args.num_workers)
+def run(row: dict) -> dict:
+    """Train, validate and test one row (in a worker process)."""
+    quiet()
+    L.seed_everything(row["seed"], verbose=False)
+    ways = row["ways"]
+    split = dict(fractions=tuple(row["fractions"])) if row["protocol"] == "characters" else dict(
+        split_by="alphabet", val_alphabets=[row["val_alphabet"]], test_alphabets=[row["test_alphabet"]],
+        within_alphabet=row["within_alphabet"])
+    data = OmniglotDataModule(root=row["root"], layout="folder", ways=ways, shots=1, queries=1,
+                              meta_batch_size=row["meta_batch"], train_tasks_per_epoch=row["steps"] * row["meta_batch"],
+                              val_tasks=row["val_tasks"], test_tasks=row["test_tasks"], seed=row["seed"],
+                              num_workers=row["num_workers"], **split)
     model = ConvNet4(out_features=ways, in_channels=1, hidden_channels=64, image_size=28, downsample="stride")
-    module = MetaSGDLightningModule(model, task="classification", inner_steps=1, **METHODS[method])
-    trainer_args = dict(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    start = time.perf_counter()
-    L.Trainer(max_steps=steps, limit_val_batches=0, **trainer_args).fit(module, data)
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    metrics = L.Trainer(**trainer_args).test(module, data, verbose=False)[0]
-    record = dict(method=method, ways=ways, shots=1, acc=100 * metrics["test/acc"], ci95=100 * metrics["test/acc_ci95"],
-                  steps=steps, meta_batch_size=meta_batch, train_seconds=round(train_seconds, 1),
-                  test_seconds=round(time.perf_counter() - start, 1), test_tasks=args.test_tasks)
-    print(f"{method:9s} {ways:2d}-way 1-shot  acc {record['acc']:.2f}% ± {record['ci95']:.2f}%  "
-          f"({steps} steps × {meta_batch} tasks, {train_seconds:.0f} s training)", flush=True)
+    module = MetaSGDLightningModule(model, task="classification", inner_steps=row["inner_steps"], **row["extra"])
+    result = fit_and_test(module, data, row["steps"], sorted({row["inner_steps"], EVAL_STEPS}), validate=True)
+    record = {k: v for k, v in row.items() if k not in ("root", "extra", "label")}
+    record.update(seconds=result["seconds"], steps_done=result["steps_done"], evaluations=[])
+    if "diverged" in result:
+        record["diverged"] = result["diverged"]
+    if "val" in result:
+        record["val_acc"] = None if "diverged" in result["val"] else 100 * result["val"]["mean"]
+    for eval_steps, scores in result.get("eval", {}).items():
+        entry = dict(eval_inner_steps=eval_steps)
+        if "diverged" in scores:
+            entry["diverged"] = scores["diverged"]
+        else:
+            entry.update(acc=100 * scores["mean"], ci95=100 * scores["ci95"], values=scores["values"])
+        record["evaluations"].append(entry)
+    record["summary"] = f"{row['label']}: " + (record.get("diverged") or f"val {record.get('val_acc') or 0:.1f}%; " + "; ".join(
+        f"{e['eval_inner_steps']} steps at test " + (e.get("diverged") or f"{e['acc']:.2f}% ± {e['ci95']:.2f}%")
+        for e in record["evaluations"]))
     return record
 
 
-def table(records: list[dict]) -> str:
-    lines = ["| method | ways | shots | test accuracy ± 95% CI (ours) | published, full Omniglot (Li et al. 2017) "
-             "| meta-steps × tasks | training seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+def rows(args, root: Path) -> list[dict]:
+    common = dict(root=str(root), seed=args.seed, num_workers=args.num_workers, test_tasks=args.test_tasks,
+                  val_tasks=args.val_tasks, fractions=args.fractions)
+    methods = [("MAML", "published (α = 0.4 fixed)", 1, MAML)]
+    methods += [("Meta-SGD", name, *VARIANTS[name]) for name in (args.variants or VARIANTS)]
+    table = []
+    if args.protocol == "characters":
+        for ways, steps, batch in zip(args.ways, args.steps, args.meta_batch_size):
+            for method, variant, inner, extra in methods:
+                table.append(dict(common, protocol="characters", ways=ways, steps=steps, meta_batch=batch,
+                                  method=method, variant=variant, inner_steps=inner, extra=extra,
+                                  label=f"{ways}-way {method} {variant}"))
+    else:
+        for ways, steps, batch in zip(args.ways, args.steps, args.meta_batch_size):
+            for fold, test_alphabet in enumerate(ALPHABETS):
+                if args.folds and fold not in args.folds:
+                    continue
+                val_alphabet = ALPHABETS[(fold + 1) % len(ALPHABETS)]
+                for method, variant, inner, extra in methods:
+                    table.append(dict(common, protocol="alphabets", ways=ways, steps=steps, meta_batch=batch,
+                                      method=method, variant=variant, inner_steps=inner, extra=extra, fold=fold,
+                                      test_alphabet=test_alphabet, val_alphabet=val_alphabet,
+                                      within_alphabet=ways >= 20,
+                                      label=f"{ways}-way {method} {variant}, test alphabet {test_alphabet}"))
+    return table
+
+
+def _score(entry: dict, error: bool = False) -> str:
+    if "diverged" in entry:
+        where = entry["diverged"].split(":")[0]
+        return f"diverged in {where}" if where.startswith("training") else "diverged at test"
+    if error:
+        return f"{100 - entry['acc']:.1f}% ± {entry['ci95']:.1f}%"
+    return f"{entry['acc']:.2f}% ± {entry['ci95']:.2f}%"
+
+
+def characters_table(records: list[dict]) -> str:
+    lines = ["| ways | method | variant | inner steps (train) | inner steps (test) | validation accuracy "
+             "| test accuracy ± 95% CI | published, full Omniglot (Li et al. 2017) | meta-steps × tasks | training seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in records:
-        lines.append(f"| {r['method']} | {r['ways']} | {r['shots']} | {r['acc']:.2f}% ± {r['ci95']:.2f}% "
-                     f"| {PUBLISHED.get((r['method'], r['ways']), '—')} | {r['steps']} × {r['meta_batch_size']} "
-                     f"| {r['train_seconds']:.0f} |")
+        val = f"{r['val_acc']:.1f}%" if r.get("val_acc") is not None else "—"
+        for e in r["evaluations"] or [{"diverged": r.get("diverged", "—")}]:
+            own = e.get("eval_inner_steps") == r["inner_steps"]
+            published = PUBLISHED.get((r["method"], r["ways"]), "—") if own and r["variant"].startswith(("paper", "published")) else "—"
+            lines.append(f"| {r['ways']} | {r['method']} | {r['variant']} | {r['inner_steps']} | {e.get('eval_inner_steps', '—')} "
+                         f"| {val if own else ''} | {_score(e)} | {published} | {r['steps']} × {r['meta_batch']} "
+                         f"| {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def section(records: list[dict], command: str, args) -> str:
-    train, val, test = args.fractions
+def pooled(records: list[dict], eval_steps: int) -> dict | None:
+    """Mean accuracy and 95% interval over the test tasks of every fold (one value per task)."""
+    values = [v for r in records for e in r["evaluations"] if e["eval_inner_steps"] == eval_steps for v in e.get("values", [])]
+    if not values or any("diverged" in e for r in records for e in r["evaluations"] if e["eval_inner_steps"] == eval_steps):
+        return None
+    t = torch.tensor(values, dtype=torch.float64)
+    return dict(acc=100 * float(t.mean()), ci95=100 * float(1.96 * t.std() / len(t) ** 0.5), n=len(t))
+
+
+def alphabets_table(records: list[dict]) -> str:
+    lines = ["| ways | tasks | method | variant | test alphabet | inner steps (train / test) | test accuracy ± 95% CI "
+             "| test error ± 95% CI | meta-steps × tasks | training seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["ways"], r["method"], r["variant"]), []).append(r)
+    for (ways, method, variant), group in groups.items():
+        kind = "within one alphabet" if group[0]["within_alphabet"] else "any characters"
+        for r in group:
+            for e in r["evaluations"]:
+                lines.append(f"| {ways} | {kind} | {method} | {variant} | {r['test_alphabet']} | {r['inner_steps']} / "
+                             f"{e['eval_inner_steps']} | {_score(e)} | {_score(e, error=True)} | {r['steps']} × {r['meta_batch']} "
+                             f"| {r['seconds']:.0f} |")
+        for steps in sorted({e["eval_inner_steps"] for r in group for e in r["evaluations"]}):
+            p = pooled(group, steps)
+            if p is not None:
+                lines.append(f"| {ways} | {kind} | {method} | {variant} | **all {len(group)} folds** ({p['n']} tasks) "
+                             f"| {group[0]['inner_steps']} / {steps} | **{p['acc']:.2f}% ± {p['ci95']:.2f}%** "
+                             f"| **{100 - p['acc']:.1f}% ± {p['ci95']:.1f}%** | | |")
+    return "\n".join(lines)
+
+
+def section(records: list[dict], command: str, args, threads: str) -> str:
+    if args.protocol == "characters":
+        train, val, test = args.fractions
+        return (
+            "## Omniglot on real data, held-out characters: Meta-SGD variants against MAML\n\n"
+            f"Command: `{command}` (CPU, {threads}). Data: the official \"background small 1\" split from "
+            f"`../shared/data/omniglot/` (136 characters of 5 alphabets), characters split {train}/{val}/{test} "
+            f"(train/validation/test) with seed 0. Seed {args.seed} for every row. Every row: strided 64-channel ConvNet4, "
+            "second order, Adam 1e-3, one query per class, the same task stream and budget; MAML α = 0.4 fixed with "
+            "plain steps (the published algorithm); Meta-SGD with the default `line_search` (backtracking for "
+            f"several steps). Validation accuracy on {args.val_tasks} tasks of the validation characters at the row's "
+            f"own steps (what chooses a variant); test accuracy on the same {args.test_tasks} fixed tasks of held-out "
+            f"characters at the row's own steps and at {EVAL_STEPS}, mean ± 1.96·std/√n. The published figures are for "
+            "the full data set and 60,000 meta-iterations: a far larger budget.\n\n"
+            f"{characters_table(records)}\n"
+        )
     return (
-        "## Omniglot on real data: Meta-SGD against MAML\n\n"
-        f"Command: `{command}` (CPU, {torch.get_num_threads()} threads). Data: the official \"background small 1\" "
-        f"split from `../shared/data/omniglot/` (136 characters of 5 alphabets), characters split {train}/{val}/{test} "
-        "(train/validation/test) with seed 0, training characters rotated by 90° as new classes; the test tasks use "
-        f"only held-out characters. Both methods: the strided 64-channel ConvNet4, one inner step, second order, "
-        f"Adam 1e-3, one query per class, the same task stream; Meta-SGD α ~ U[0.005, 0.1] learned, MAML α = 0.4 fixed. "
-        f"Accuracy over the same {args.test_tasks} fixed test tasks, mean ± 1.96·std/√n. The published figures are for "
-        "the full data set and 60,000 meta-iterations of 32 (5-way) or 16 (20-way) tasks: a far larger budget.\n\n"
-        f"{table(records)}\n"
+        "## Omniglot on real data, alphabets never seen in training\n\n"
+        f"Command: `{command}` (CPU, {threads}). Data: the official \"background small 1\" split (5 alphabets). "
+        "Leave one alphabet out: fold i tests on alphabet i, validates on the next alphabet and trains on the other "
+        "three (all their characters, rotated by 90° as new classes). 5-way tasks draw any characters of the "
+        "split; 20-way tasks draw all 20 characters from one alphabet (`within_alphabet=True`, Lake et al.'s "
+        f"one-shot challenge protocol; the error rate is that challenge's figure). {args.test_tasks} test tasks per fold, "
+        "pooled rows over all folds' tasks. Seed {seed} for every row; same budget and task stream for both methods; "
+        "MAML α = 0.4 fixed with plain steps.\n\n".replace("{seed}", str(args.seed))
+        + f"{alphabets_table(records)}\n"
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", choices=["characters", "alphabets"], default="characters")
     parser.add_argument("--zip", type=Path, default=SHARED_ZIP, help="images_background_small1.zip")
     parser.add_argument("--root", type=Path, help="an unzipped folder in the official layout (overrides --zip)")
     parser.add_argument("--ways", type=int, nargs="+", default=[5, 20])
-    parser.add_argument("--steps", type=int, nargs="+", default=[2000, 1000],
-                        help="meta-training steps, one per entry of --ways")
+    parser.add_argument("--steps", type=int, nargs="+", help="meta-training steps, one per entry of --ways "
+                        "(default: 2000 1000 for characters, 1000 1000 for alphabets)")
     parser.add_argument("--meta-batch-size", type=int, nargs="+", default=[8, 4], help="one per entry of --ways")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="Meta-SGD variants (default: all)")
+    parser.add_argument("--folds", type=int, nargs="+", help="alphabets protocol: only these folds (0-4)")
     parser.add_argument("--fractions", type=float, nargs=3, default=[0.6, 0.15, 0.25])
+    parser.add_argument("--val-tasks", type=int, default=200)
     parser.add_argument("--test-tasks", type=int, default=600)
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["MAML", "Meta-SGD"])
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="rows trained at once, in separate processes")
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = [2000, 1000] if args.protocol == "characters" else [1000, 1000]
     if not len(args.ways) == len(args.steps) == len(args.meta_batch_size):
         parser.error(f"--steps and --meta-batch-size need one value per entry of --ways {args.ways}; "
                      f"got {args.steps} and {args.meta_batch_size}")
-    silence_lightning_noise()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-
+    quiet()
     with tempfile.TemporaryDirectory(prefix="omniglot_") as tmp:
         root = args.root
         if root is None:
@@ -127,15 +243,20 @@ def main(argv: list[str] | None = None) -> None:
             with zipfile.ZipFile(args.zip) as archive:
                 archive.extractall(tmp)
             root = Path(tmp) / args.zip.stem
-        command = "python benchmarks/omniglot_table.py " + " ".join(
-            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        records = []
-        for ways, steps, batch in zip(args.ways, args.steps, args.meta_batch_size):
-            for method in args.methods:
-                records.append(run(method, root, ways, steps, batch, args))
-                # Written after every run, so that a stopped run keeps the rows it finished.
-                write_results("omniglot_table", records, section(records, command.strip(), args))
-    print("\n" + table(records))
+        records = run_rows(rows(args, root), run, args.jobs)
+    records_out = [{k: v for k, v in r.items() if k != "summary"} for r in records]
+    for r in records_out:  # per-task values stay out of the JSON except where pooling needs them
+        if r["protocol"] == "characters":
+            for e in r["evaluations"]:
+                e.pop("values", None)
+    command = "python benchmarks/omniglot_table.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    threads = f"{args.jobs} processes of {max(1, torch.get_num_threads() // args.jobs)} thread(s)" if args.jobs > 1 \
+        else f"{torch.get_num_threads()} threads"
+    text = section(records, command.strip(), args, threads)
+    print("\n" + text)
+    if not args.no_write:
+        write_results(f"omniglot_{args.protocol}", records_out, text)
 
 
 if __name__ == "__main__":
