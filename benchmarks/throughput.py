@@ -59,7 +59,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from metasgd_lightning import MetaSGD  # noqa: E402
-from metasgd_lightning._quiet import import_learn2learn, silence_lightning_noise  # noqa: E402
+from datamodules.learn2learn_import import import_learn2learn  # noqa: E402
+from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
 from metasgd_lightning.models import ConvNet4  # noqa: E402
 
 IMPLS = ("l2l", "core", "lightning")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from datamodules.episodic import ImageReadError
+from datamodules.images import ImageReadError
 from metasgd_lightning.inference import adapt_to_folder, checkpoint_transform, load_meta_learner, predict_images
 
 

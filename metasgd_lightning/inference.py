@@ -34,8 +34,10 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from datamodules.episodic import EpisodicDataModule, ImageTransform
-from datamodules.image_folder import IMAGE_EXTENSIONS, FileImages, visible
+from datamodules.class_folders import IMAGE_EXTENSIONS, visible
+from datamodules.episodic import EpisodicDataModule
+from datamodules.images import FileImages
+from datamodules.preprocessing import ImageTransform
 
 from .module import MetaSGDLightningModule
 
@@ -230,7 +232,7 @@ def load_support_folder(folder: str | Path, transform: Transform) -> tuple[Tenso
         FileNotFoundError: no folder at ``folder``.
         ValueError: no class folders, a class folder without images, or images that the transform
             gives different shapes.
-        datamodules.episodic.ImageReadError: an image that cannot be decoded (naming the file).
+        datamodules.images.ImageReadError: an image that cannot be decoded (naming the file).
 
     Example:
         >>> x, y, names = load_support_folder("support", checkpoint_transform(module))  # doctest: +SKIP
@@ -266,7 +268,7 @@ def load_images(images: str | Path | Sequence[str | Path], transform: Transform)
     Raises:
         FileNotFoundError: a path that does not exist.
         ValueError: a folder without images, or images that the transform gives different shapes.
-        datamodules.episodic.ImageReadError: an image that cannot be decoded (naming the file).
+        datamodules.images.ImageReadError: an image that cannot be decoded (naming the file).
     """
     paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
     files: list[Path] = []
@@ -309,7 +311,7 @@ def adapt_to_folder(module: MetaSGDLightningModule | str | Path, folder: str | P
         ValueError: a regression model, a number of class folders other than the model's ways, a class
             folder without images, images whose shape after ``transform`` the model does not take, or a
             checkpoint whose preprocessing cannot be rebuilt (pass ``transform``).
-        datamodules.episodic.ImageReadError: an image that cannot be decoded (naming the file).
+        datamodules.images.ImageReadError: an image that cannot be decoded (naming the file).
 
     Example:
         >>> model, class_names = adapt_to_folder("last.ckpt", "support")  # doctest: +SKIP
@@ -351,7 +353,7 @@ def predict_images(model: nn.Module, images: str | Path | Sequence[str | Path], 
         FileNotFoundError: a path that does not exist.
         ValueError: images whose shape after ``transform`` the model does not take (naming the expected
             and given shapes), or ``class_names`` not one name per output.
-        datamodules.episodic.ImageReadError: an image that cannot be decoded (naming the file).
+        datamodules.images.ImageReadError: an image that cannot be decoded (naming the file).
 
     Example:
         >>> for path, name, probability in predict_images(model, "queries", transform, class_names):  # doctest: +SKIP

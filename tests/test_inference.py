@@ -14,7 +14,8 @@ from PIL import Image
 import fixtures_episodic as fx
 from conftest import REPO, run_cli
 from datamodules import OmniglotDataModule
-from datamodules.episodic import ImageReadError, ImageTransform
+from datamodules.images import ImageReadError
+from datamodules.preprocessing import ImageTransform
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
 from metasgd_lightning.inference import (
     adapt,

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metasgd_lightning import InnerLoopDivergedError, MetaSGD
-from metasgd_lightning._quiet import import_learn2learn
+from datamodules.learn2learn_import import import_learn2learn
 from metasgd_lightning.metasgd import check_task_batch
 from metasgd_lightning.models import ConvNet4, SineMLP
 
