@@ -97,42 +97,42 @@ def _worker_init(threads: int) -> None:
     quiet()
 
 
-def run_rows(rows: Sequence[dict], run: Callable[[dict], dict], jobs: int = 1) -> list[dict]:
+def run_rows(rows: Sequence[dict], run: Callable[[dict], dict], jobs: int = 1,
+             on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """``run(row)`` for every row, in ``jobs`` processes, printing one line as each row starts and ends.
 
-    ``run`` must be a module-level function (it is pickled to the workers). Returns the records in
-    the order of ``rows``.
+    ``run`` must be a module-level function (it is pickled to the workers). A row that raises becomes
+    a record with ``error`` (the others go on). ``on_record`` gets the finished records (in row order)
+    after each row, e.g. to write a partial table that survives a stopped run. Returns the records
+    in the order of ``rows``.
     """
     total, start = len(rows), time.perf_counter()
+    records: list[dict | None] = [None] * total
 
-    finished = 0
-
-    def report(i: int, record: dict) -> None:
-        nonlocal finished
-        finished += 1
+    def finish(i: int, get: Callable[[], dict]) -> None:
+        try:
+            records[i] = get()
+        except Exception as error:  # noqa: BLE001  (one broken row must not lose the others)
+            records[i] = dict(rows[i], error=f"{type(error).__name__}: {error}",
+                              summary=f"{rows[i]['label']}: failed with {type(error).__name__}: {error}")
+        done = sum(r is not None for r in records)
         elapsed = time.perf_counter() - start
-        done, left = finished, elapsed / finished * (total - finished)
-        print(f"[{done}/{total} done] {record.get('summary', '')} ({record.get('seconds', 0):.0f} s; "
-              f"{elapsed / 60:.1f} min so far, about {left / 60:.0f} min left)", flush=True)
+        print(f"[{done}/{total} done] {records[i].get('summary', '')} ({records[i].get('seconds', 0):.0f} s; "
+              f"{elapsed / 60:.1f} min so far, about {elapsed / done * (total - done) / 60:.0f} min left)", flush=True)
+        if on_record is not None:
+            on_record([r for r in records if r is not None and "error" not in r])
 
     if jobs <= 1:
-        records = []
         for i, row in enumerate(rows):
             print(f"[{i + 1}/{total}] {row['label']} ...", flush=True)
-            records.append(run(row))
-            report(i, records[-1])
-        return records
+            finish(i, lambda: run(row))
+        return records  # type: ignore[return-value]
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    records: list[dict | None] = [None] * total
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        futures = {}
-        for i, row in enumerate(rows):
-            futures[pool.submit(run, row)] = i
+        futures = {pool.submit(run, row): i for i, row in enumerate(rows)}
         print(f"{total} rows in {jobs} processes of {threads} thread(s): "
               + "; ".join(f"[{i + 1}] {row['label']}" for i, row in enumerate(rows)), flush=True)
         for future in as_completed(futures):
-            i = futures[future]
-            records[i] = future.result()
-            report(i, records[i])
+            finish(futures[future], future.result)
     return records  # type: ignore[return-value]

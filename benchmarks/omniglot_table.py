@@ -243,20 +243,26 @@ def main(argv: list[str] | None = None) -> None:
             with zipfile.ZipFile(args.zip) as archive:
                 archive.extractall(tmp)
             root = Path(tmp) / args.zip.stem
-        records = run_rows(rows(args, root), run, args.jobs)
-    records_out = [{k: v for k, v in r.items() if k != "summary"} for r in records]
-    for r in records_out:  # per-task values stay out of the JSON except where pooling needs them
-        if r["protocol"] == "characters":
-            for e in r["evaluations"]:
-                e.pop("values", None)
-    command = "python benchmarks/omniglot_table.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    threads = f"{args.jobs} processes of {max(1, torch.get_num_threads() // args.jobs)} thread(s)" if args.jobs > 1 \
-        else f"{torch.get_num_threads()} threads"
-    text = section(records, command.strip(), args, threads)
-    print("\n" + text)
-    if not args.no_write:
-        write_results(f"omniglot_{args.protocol}", records_out, text)
+        command = "python benchmarks/omniglot_table.py " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        threads = f"{args.jobs} processes of {max(1, torch.get_num_threads() // args.jobs)} thread(s)" \
+            if args.jobs > 1 else f"{torch.get_num_threads()} threads"
+
+        def write(records: list[dict]) -> None:  # after every row: a stopped run keeps the rows it finished
+            if records and not args.no_write:
+                write_results(f"omniglot_{args.protocol}", [_stored(r) for r in records],
+                              section(records, command.strip(), args, threads))
+
+        records = [r for r in run_rows(rows(args, root), run, args.jobs, on_record=write) if "error" not in r]
+    print("\n" + section(records, command.strip(), args, threads))
+
+
+def _stored(record: dict) -> dict:
+    """A record for the JSON file: per-task values only where pooling over folds needs them."""
+    record = {k: v for k, v in record.items() if k != "summary"}
+    if record["protocol"] == "characters":
+        record["evaluations"] = [{k: v for k, v in e.items() if k != "values"} for e in record["evaluations"]]
+    return record
 
 
 if __name__ == "__main__":

@@ -157,17 +157,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--only {args.only}: no row matches; rows: {[r['label'] for r in rows(iterations)]}")
     for row in selected:
         row["seed"] = args.seed
-    records = run_rows(selected, run, args.jobs)
+    command = "python benchmarks/sine_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    threads = f"{args.jobs} processes of {max(1, torch.get_num_threads() // args.jobs)} thread(s)" if args.jobs > 1 \
+        else f"{torch.get_num_threads()} threads"
+
+    def write(records: list[dict]) -> None:  # after every row: a stopped run keeps the rows it finished
+        if records and not args.no_write:
+            write_results("sine_table", records, section(records, command.strip(), threads))
+
+    records = [r for r in run_rows(selected, run, args.jobs, on_record=write) if "error" not in r]
     print("\n" + table(records))
     for r in records:
         bad = [e["eval_inner_steps"] for e in r.get("evaluations", []) if not stable(e)]
         if "diverged" in r or bad:
             print(f"not stable by the rule (CI < mean/5, max/median <= 10): {r['summary']}")
-    command = "python benchmarks/sine_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    threads = f"{args.jobs} processes of {max(1, torch.get_num_threads() // args.jobs)} thread(s)" if args.jobs > 1 \
-        else f"{torch.get_num_threads()} threads"
-    if not args.no_write:
-        write_results("sine_table", records, section(records, command.strip(), threads))
 
 
 if __name__ == "__main__":
