@@ -2,6 +2,8 @@
 
 - :class:`MetaSGD` (``metasgd.py``): the maths (θ and a learned rate α per parameter entry), no Lightning.
 - :class:`MetaSGDLightningModule` (``module.py``): the training recipe, with manual optimisation.
+- :class:`Reptile` (``reptile.py``) and :class:`ReptileLightningModule` (``module.py``): Reptile (Nichol et
+  al., 2018), the first-order method that moves θ towards each task's trained weights, on the same recipe.
 - :mod:`metasgd_lightning.models`: the networks of the papers; ``metrics.py``: :class:`TaskMeanCI`.
 - ``callbacks.py``: the checkpoint and α-monitor callbacks; ``cli.py``: the ``metasgd`` command;
   ``plotting.py``: ``metasgd plot-lrs``; ``inference.py``: use a checkpoint on a new task.
@@ -12,13 +14,17 @@ The data modules are the separate package :mod:`datamodules`, which this one imp
 from .metasgd import InnerLoopDivergedError, MetaSGD, TaskBatchResult
 from .metrics import TaskMeanCI
 from .models import ConvNet4, SineMLP
-from .module import MetaSGDLightningModule
+from .module import MetaLearningModule, MetaSGDLightningModule, ReptileLightningModule
+from .reptile import Reptile
 
 __all__ = [
     "ConvNet4",
     "InnerLoopDivergedError",
     "MetaSGD",
+    "MetaLearningModule",
     "MetaSGDLightningModule",
+    "Reptile",
+    "ReptileLightningModule",
     "SineMLP",
     "TaskBatchResult",
     "TaskMeanCI",
