@@ -2,6 +2,7 @@
 
     metasgd fit --config configs/sine_5shot.yaml
     metasgd fit --config configs/sine_5shot.yaml --ckpt_path last     # resume
+    metasgd fit --config configs/reptile_sine.yaml                    # Reptile: the config names its module class
     metasgd test --config configs/sine_5shot.yaml --ckpt_path runs/sine_5shot/checkpoints/last.ckpt
     metasgd plot-lrs runs/sine_5shot/checkpoints/last.ckpt --out lrs.png
 """
@@ -18,21 +19,34 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import datamodules  # noqa: F401  (registers the data modules for `--data`)
 
+from ._module_class import names_module_class
 from ._quiet import silence_lightning_noise
 from .callbacks import LearnedRateMonitor, MetaSGDCheckpoint
-from .module import MetaSGDLightningModule
+from .module import MetaLearningModule, MetaSGDLightningModule
 
 __all__ = ["MetaSGDCLI", "main"]
 
 
 class MetaSGDCLI(LightningCLI):
-    """LightningCLI with Meta-SGD's defaults: gradients at evaluation, last and best checkpoints."""
+    """LightningCLI with Meta-SGD's defaults: gradients at evaluation, last and best checkpoints.
+
+    Arguments that name the module's class (``model: {class_path: ...ReptileLightningModule}`` in a
+    config, ``--model CLASS``) select it among the :class:`MetaLearningModule` subclasses; otherwise the
+    module is :class:`MetaSGDLightningModule`, parsed as it always was (see ``_module_class.py``).
+    """
+
+    def __init__(self, model_class=MetaSGDLightningModule, *args, **kwargs) -> None:
+        argv = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
+        if model_class is MetaSGDLightningModule and isinstance(argv, (list, tuple)) and names_module_class(argv):
+            model_class, kwargs["subclass_mode_model"] = MetaLearningModule, True
+        super().__init__(model_class, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         # Values that data and model share are typed once, on the data module: whether its tasks are
         # classification or regression, and (classification) the number of ways = the model's outputs.
-        parser.link_arguments("data.task", "model.task", apply_on="instantiate")
-        parser.link_arguments("data.ways", "model.model.init_args.out_features", apply_on="instantiate")
+        model = "model.init_args" if self.subclass_mode_model else "model"
+        parser.link_arguments("data.task", f"{model}.task", apply_on="instantiate")
+        parser.link_arguments("data.ways", f"{model}.model.init_args.out_features", apply_on="instantiate")
         parser.add_lightning_class_args(MetaSGDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LearnedRateMonitor, "lr_monitor")
 
