@@ -636,6 +636,7 @@ class ReptileLightningModule(MetaLearningModule):
         # over all tasks) and a 16-mixed loss scaler scales and unscales it, as for any loss.
         theta = dict(self.meta_learner.model.named_parameters())
         self.manual_backward(sum((theta[name] * d).sum() for name, d in step.direction.items()))
+        epsilon = float(optimizer.param_groups[0]["lr"])  # this step's ε, before the scheduler anneals it
         self._optimizer_step(optimizer)
         after = step.support_loss[:, -1].mean()
         self._log_training_step(
@@ -645,7 +646,7 @@ class ReptileLightningModule(MetaLearningModule):
             more=lambda: {
                 "train/support_loss_before": step.support_loss[:, 0].mean(),
                 "train/outer_step_norm": torch.linalg.vector_norm(torch.cat([d.flatten() for d in step.direction.values()])),
-                "train/meta_lr": float(optimizer.param_groups[0]["lr"]),
+                "train/meta_lr": epsilon,
             },
         )
         return after

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from datamodules import SineDataModule  # noqa: E402
-from metasgd_lightning import MetaSGDLightningModule  # noqa: E402
+from metasgd_lightning import MetaSGDLightningModule, ReptileLightningModule  # noqa: E402
 from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
 from metasgd_lightning.models import SineMLP  # noqa: E402
 
@@ -78,12 +78,19 @@ def main() -> None:
     parser.add_argument("--nan-step", type=int, default=1)
     parser.add_argument("--no-validate", action="store_true")
     parser.add_argument("--tasks-per-backward", type=int, default=None)
+    parser.add_argument("--method", choices=["metasgd", "reptile"], default="metasgd")
     args = parser.parse_args()
     silence_lightning_noise()
 
     L.seed_everything(0, verbose=False)
-    module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1), inner_steps=1,
-                                    tasks_per_backward=args.tasks_per_backward)
+    if args.method == "reptile":
+        # Adam on mini-batches: a per-task optimiser state and a per-task batch order, neither tied to the rank.
+        module = ReptileLightningModule(SineMLP(), task="regression", inner_steps=3, inner_lr=0.01,
+                                        inner_optimizer="adam", inner_batch_size=6, eval_inner_steps=4,
+                                        eval_inner_batch_size=3)
+    else:
+        module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1), inner_steps=1,
+                                        tasks_per_backward=args.tasks_per_backward)
     data = SineDataModule(shots=5, queries=10, meta_batch_size=args.meta_batch_size,
                           train_tasks_per_epoch=args.tasks_per_epoch, val_tasks=args.val_tasks,
                           test_tasks=args.val_tasks, seed=0)

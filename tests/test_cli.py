@@ -164,3 +164,66 @@ def test_a_run_stopped_mid_epoch_still_reports_a_final_validation(tmp_path):
                    "--data.val_tasks", "8", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
                    "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
     assert "Final validation mse:" in proc.stdout
+
+
+# -- Reptile through the same command ----------------------------------------------------------------
+
+
+def test_reptile_config_fits_tests_and_loads_through_the_cli(tmp_path):
+    from metasgd_lightning import ReptileLightningModule
+
+    proc = run_cli("fit", "--config", str(REPO / "configs/reptile_sine.yaml"), *SMALL, "--trainer.max_steps", "4",
+                   "--model.eval_inner_steps", "4", "--trainer.default_root_dir", str(tmp_path / "run"),
+                   "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
+    assert "Final validation mse:" in proc.stdout and "95% CI" in proc.stdout
+    scalars = _scalars(tmp_path / "run" / "lightning_logs" / "version_0")
+    for tag in ("train/support_loss_before", "train/support_loss_after", "train/outer_step_norm", "val/mse",
+                "val/mse_ci95", "train/tasks_per_sec"):
+        assert tag in scalars, f"{tag} not logged; got {sorted(scalars)}"
+    assert [v for _, v in scalars["train/meta_lr"]] == pytest.approx([1.0, 0.75, 0.5, 0.25])  # ε annealed to 0
+    assert not any(tag.startswith("lr/") for tag in scalars)  # Reptile learns no rate: the α monitor stays quiet
+
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    hparams = torch.load(checkpoint, weights_only=True)["hyper_parameters"]
+    assert hparams["_class_path"] == "metasgd_lightning.ReptileLightningModule" and hparams["eval_inner_steps"] == 4
+    module = ReptileLightningModule.load_from_checkpoint(checkpoint)  # weights_only: configs, no pickles
+    assert isinstance(module.model, SineMLP) and module.task == "regression" and module.eval_inner_steps == 4
+    batch = [torch.randn(2, 5, 1), torch.randn(2, 5, 1), torch.randn(2, 10, 1)]
+    again = ReptileLightningModule.load_from_checkpoint(checkpoint)
+    assert torch.equal(module.predict_step(batch, 0), again.predict_step(batch, 0))
+
+    tested = run_cli("test", "--config", str(REPO / "configs/reptile_sine.yaml"), "--data.test_tasks", "12",
+                     "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+                     "--ckpt_path", str(checkpoint), cwd=tmp_path)
+    assert "Test mse:" in tested.stdout and "95% CI" in tested.stdout
+
+    resumed = run_cli("fit", "--config", str(REPO / "configs/reptile_sine.yaml"), *SMALL, "--trainer.max_steps", "6",
+                      "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+                      "--ckpt_path", "last", cwd=tmp_path)
+    assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
+
+
+def test_reptile_omniglot_config_parses_and_fits_a_few_steps(tmp_path):
+    import fixtures_episodic as fx
+
+    config = str(REPO / "configs/reptile_omniglot_5way_1shot.yaml")
+    printed = run_cli("fit", "--config", config, "--print_config", cwd=tmp_path).stdout
+    for setting in ("class_path: metasgd_lightning.ReptileLightningModule", "inner_optimizer: adam", "inner_lr: 0.001",
+                    "inner_steps: 5", "inner_batch_size: 10", "eval_inner_steps: 50", "meta_batch_size: 5",
+                    "class_path: datamodules.OmniglotDataModule", "inference_mode: false"):
+        assert setting in printed, setting
+    assert "inner_betas:\n    - 0.0\n    - 0.999" in printed
+    # A small Omniglot-layout folder (16 characters of 4 drawings) and small settings, so that it runs in seconds;
+    # 3 ways also checks that the data module's ways still reach the model's outputs.
+    root = fx.omniglot_folder(tmp_path / "omni", alphabets=2, characters=8)
+    proc = run_cli("fit", "--config", config, "--data.root", str(root), "--data.layout", "folder",
+                   "--data.fractions", "[0.5, 0.25, 0.25]", "--data.ways", "3", "--data.download", "false",
+                   "--data.queries", "1", "--data.meta_batch_size", "2",
+                   "--data.val_tasks", "4", "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "8",
+                   "--model.eval_inner_steps", "3", "--trainer.max_steps", "2",
+                   "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+                   cwd=tmp_path)
+    assert "Final validation acc:" in proc.stdout, proc.stdout + proc.stderr
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state["meta_learner.model.classifier.weight"].shape[0] == 3

@@ -193,3 +193,34 @@ def test_two_nodes_on_loopback_give_the_single_process_weights(tmp_path, single)
         assert sorted(ranks[0]["train_tasks"][step] + ranks[1]["train_tasks"][step]) == sorted(single["train_tasks"][step])
     for record in ranks:
         _assert_weights_close(record["weights"][3], single["weights"][3])
+
+
+# -- Reptile -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reptile_runs(tmp_path_factory):
+    """Reptile: one process with meta-batch 4, and two with meta-batch 2 each, three steps."""
+    runs = {}
+    for name, devices, per_device in (("single", "1", "4"), ("ddp", "2", "2")):
+        out = tmp_path_factory.mktemp(f"reptile_{name}")
+        _run(out, "--method", "reptile", "--devices", devices, "--meta-batch-size", per_device, "--max-steps", "3")
+        runs[name] = _records(out, int(devices))
+    return runs
+
+
+def test_reptile_ddp_averages_over_all_ranks_tasks_as_one_process_with_the_whole_meta_batch(reptile_runs):
+    (single,), ranks = reptile_runs["single"], reptile_runs["ddp"]
+    for step in (1, 2, 3):
+        assert sorted(ranks[0]["train_tasks"][step - 1] + ranks[1]["train_tasks"][step - 1]) == sorted(
+            single["train_tasks"][step - 1])
+        _assert_weights_close(ranks[0]["weights"][step], single["weights"][step])
+        _assert_weights_close(ranks[1]["weights"][step], ranks[0]["weights"][step], atol=0)  # replicas agree
+    moved = max((single["weights"][3][k] - single["start_weights"][k]).abs().max() for k in single["start_weights"])
+    assert moved > 1e-3
+    (expected,) = single["val"]  # evaluation with inner mini-batches: the same on one process and on two
+    for record in ranks:
+        (result,) = record["val"]
+        assert result["n"] == expected["n"] == 7
+        for key in ("mean", "ci95"):
+            assert result[key] == pytest.approx(expected[key], rel=1e-9), key
