@@ -21,6 +21,7 @@ import inspect
 import math
 import time
 import warnings
+from collections.abc import Callable
 from types import FrameType
 from typing import Literal
 
@@ -239,7 +240,8 @@ class MetaLearningModule(L.LightningModule):
 
     # -- logging ------------------------------------------------------------------------------------
 
-    def _log_training_step(self, tasks: int, progress: tuple[str, Tensor], shown, more) -> None:
+    def _log_training_step(self, tasks: int, progress: tuple[str, Tensor], shown: Callable[[], dict[str, Tensor]],
+                           more: Callable[[], dict[str, Tensor | float]]) -> None:
         """Log a training step's scalars where Lightning writes them.
 
         Lightning writes step metrics every ``log_every_n_steps`` only, and each ``self.log`` call costs
@@ -583,10 +585,14 @@ class ReptileLightningModule(MetaLearningModule):
     Example:
         >>> from metasgd_lightning.models import SineMLP
         >>> from datamodules import SineDataModule
-        >>> module = ReptileLightningModule(SineMLP(), task="regression", inner_optimizer="sgd", inner_lr=0.02)
-        >>> trainer = L.Trainer(max_steps=2, inference_mode=False, logger=False,
-        ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(module, SineDataModule(meta_batch_size=4, val_tasks=8))
+        >>> module = ReptileLightningModule(SineMLP(), task="regression", inner_optimizer="sgd", inner_lr=0.02,
+        ...                                 inner_steps=5, eval_inner_steps=32)
+        >>> data = SineDataModule(meta_batch_size=4, val_tasks=8, test_tasks=8)
+        >>> trainer = L.Trainer(max_steps=2, inference_mode=False, logger=False, enable_checkpointing=False,
+        ...                     enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(module, data)                    # ε anneals from 1 to 0 over the 2 steps
+        >>> sorted(trainer.test(module, data, verbose=False)[0])
+        ['test/mse', 'test/mse_ci95']
     """
 
     def __init__(

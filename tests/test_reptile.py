@@ -261,6 +261,16 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
+def test_inference_adapt_gives_a_plain_module_with_the_adapted_weights():
+    from metasgd_lightning.inference import adapt
+
+    module = ReptileLightningModule(SineMLP(), task="regression", inner_optimizer="sgd", inner_lr=0.02, eval_inner_steps=6)
+    sx, sy, qx, _ = _regression_batch(dtype=torch.float32)
+    model = adapt(module, sx[0], sy[0])
+    assert type(model) is SineMLP
+    torch.testing.assert_close(model(qx[0]), module.predict_task(sx[0], sy[0], qx[0]), rtol=0, atol=0)
+
+
 def test_16_mixed_with_a_loss_scaler_takes_the_float32_step(tmp_path):
     # The outer gradient goes through Lightning's loss scaler (scaled, then unscaled) and the inner loop
     # runs in float32 under float16 autocast: the step is float32's.
