@@ -19,8 +19,12 @@ its own, and pad the validation set by repeating tasks, counting them twice).
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import signal
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .checks import check_int
 
 __all__ = ["SPLITS", "task_seed", "task_generator", "seeded_global_rngs", "TaskIndexSampler", "FixedTaskSampler",
-           "TaskLoaders"]
+           "TaskDataLoader", "TaskLoaders"]
 
 SPLITS = ("train", "val", "test")
 
@@ -120,6 +124,11 @@ class TaskIndexSampler(_RankShare):
     and step ``k`` of all ranks covers the tasks of step ``k`` of one process with a ``W`` times
     larger meta-batch.
 
+    ``start`` is the place in the epoch's global stream where iteration begins: 0, or where a resumed
+    run left off (:meth:`load_state_dict`). It holds for the epoch it was set for; ``set_epoch`` to
+    another epoch starts that one from its first task. ``len()`` stays the length of a whole epoch,
+    as Lightning counts the batches of a resumed epoch from where it stopped.
+
     Args:
         tasks_per_epoch: ``n``, global tasks per epoch (over all processes); a multiple of
             ``devices * meta_batch_size`` gives whole meta-batches.
@@ -129,19 +138,44 @@ class TaskIndexSampler(_RankShare):
     def __init__(self, tasks_per_epoch: int, num_replicas: int | None = None, rank: int | None = None) -> None:
         super().__init__(tasks_per_epoch, num_replicas, rank)
         self.drop_last = True
+        self.start = 0
 
     @property
     def tasks_per_epoch(self) -> int:
         return self.num_tasks
 
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+    def per_rank(self, start: int | None = None) -> int:
+        """How many indices each rank yields from global position ``start`` (default: ``self.start``) on."""
+        world, _ = self._check_world()
+        start = self.start if start is None else start
+        return max(0, world * (self.num_tasks // world) - start) // world
+
     def __iter__(self) -> Iterator[int]:
         world, rank = self._check_world()
-        start = self.epoch * self.num_tasks
-        return iter(range(start + rank, start + world * (self.num_tasks // world), world))
+        first = self.epoch * self.num_tasks + self.start + rank
+        return iter(range(first, first + world * self.per_rank(), world))
 
     def __len__(self) -> int:
         world, _ = self._check_world()
         return self.num_tasks // world
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the next iteration starts: ``epoch`` and ``start``, the global tasks of that epoch already taken."""
+        return {"epoch": self.epoch, "start": self.start, "tasks_per_epoch": self.num_tasks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("tasks_per_epoch", self.num_tasks) != self.num_tasks:
+            warnings.warn(
+                f"The checkpoint's training epochs had {state['tasks_per_epoch']} tasks, this run's have "
+                f"{self.num_tasks}: epoch {state['epoch']} starts again from its first task.", stacklevel=2)
+            self.epoch, self.start = int(state["epoch"]), 0
+            return
+        self.epoch, self.start = int(state["epoch"]), min(int(state["start"]), self.num_tasks)
 
 
 class FixedTaskSampler(_RankShare):
@@ -166,21 +200,111 @@ class FixedTaskSampler(_RankShare):
         return len(range(rank, self.num_tasks, world))
 
 
+def quiet_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the task loaders: a worker leaves Ctrl-C to the main process and ends quietly on SIGTERM.
+
+    A scheduler signals every process of a job at once (and Ctrl-C in a terminal the whole process
+    group). A worker killed by such a signal makes PyTorch raise in the training process at once
+    ("DataLoader worker ... is killed by signal"), before it can finish its step and save. So a worker
+    ignores SIGINT and SIGUSR1, and on SIGTERM (also what ``Process.terminate`` sends when the main
+    process shuts workers down) exits with status 0, which PyTorch does not count as a failure.
+    """
+    for name in ("SIGINT", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_quietly)
+
+
+def _exit_quietly(signum, frame) -> None:
+    os._exit(0)
+
+
+class TaskDataLoader(DataLoader):
+    """The training ``DataLoader`` over a :class:`TaskIndexSampler`, resumable mid-epoch through Lightning.
+
+    Lightning saves the ``state_dict()`` of a training loader that has one in every checkpoint and
+    hands it back to ``load_state_dict`` on resuming. The state is the sampler's epoch and the global
+    tasks of it taken: those of the batches this loader handed to the training loop (batches that
+    workers prepared ahead are not counted), times the number of processes. A resumed loader yields
+    the rest of that epoch, on any number of processes. The underlying iterator is made at the first
+    ``next()``, after Lightning's ``set_epoch``, so a resumed state meant for another epoch is dropped.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._origin: tuple[int, int] | None = None  # (epoch, start) of the current iteration
+        self._batches = 0  # batches the current iteration handed out
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the sampler is a :class:`TaskIndexSampler` (Lightning may swap it, e.g. for ``overfit_batches``)."""
+        return isinstance(self.sampler, TaskIndexSampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        return _CountedBatches(self) if self.resumable else super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        sampler = self.sampler
+        if not self.resumable:
+            return {}
+        if self._origin is None:  # not iterated since it was made or loaded
+            return sampler.state_dict()
+        epoch, start = self._origin
+        taken = min(self._batches * self.batch_size, sampler.per_rank(start))
+        return {"epoch": epoch, "start": start + taken * sampler.num_replicas, "tasks_per_epoch": sampler.num_tasks,
+                "world_size": sampler.num_replicas, "meta_batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        sampler = self.sampler
+        if not self.resumable or not state:
+            return
+        saved = state.get("world_size", sampler.num_replicas) * state.get("meta_batch_size", self.batch_size)
+        if saved != sampler.num_replicas * self.batch_size:
+            warnings.warn(
+                f"The checkpoint was trained with {saved} tasks per step over all devices, this run takes "
+                f"{sampler.num_replicas * self.batch_size}: the task stream goes on where it stopped, but the "
+                "steps no longer match the run's before (keep devices x meta_batch_size to resume exactly).",
+                stacklevel=2)
+        sampler.load_state_dict(state)
+        self._origin, self._batches = None, 0
+
+
+class _CountedBatches(Iterator):
+    """A :class:`TaskDataLoader`'s iterator: made at the first ``next()``, counting what it hands out."""
+
+    def __init__(self, loader: TaskDataLoader) -> None:
+        self.loader = loader
+        self.iterator: Iterator | None = None
+
+    def __next__(self) -> Any:
+        loader = self.loader
+        if self.iterator is None:
+            sampler: TaskIndexSampler = loader.sampler
+            loader._origin, loader._batches = (sampler.epoch, sampler.start), 0
+            self.iterator = DataLoader.__iter__(loader)
+        batch = next(self.iterator)
+        loader._batches += 1
+        return batch
+
+
 class TaskLoaders:
     """The DataLoaders of an episodic data module, built from its ``tasks(split, length)``.
 
-    Training meets new tasks every epoch (:class:`TaskIndexSampler`); validation, test and prediction
-    use the fixed task sets (:class:`FixedTaskSampler`). Under DDP both give each rank its own share,
-    so Lightning does not wrap them. Needs the attributes ``meta_batch_size``, ``num_workers``,
-    ``train_tasks_per_epoch``, ``val_tasks`` and ``test_tasks``.
+    Training meets new tasks every epoch (:class:`TaskIndexSampler`, in a resumable
+    :class:`TaskDataLoader`); validation, test and prediction use the fixed task sets
+    (:class:`FixedTaskSampler`). Under DDP both give each rank its own share, so Lightning does not
+    wrap them. Needs the attributes ``meta_batch_size``, ``num_workers``, ``train_tasks_per_epoch``,
+    ``val_tasks`` and ``test_tasks``.
     """
 
-    def _loader(self, split: str, length: int, sampler: DistributedSampler) -> DataLoader:
-        return DataLoader(self.tasks(split, length), batch_size=self.meta_batch_size, sampler=sampler,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _loader(self, split: str, length: int, sampler: DistributedSampler, loader: type = DataLoader) -> DataLoader:
+        return loader(self.tasks(split, length), batch_size=self.meta_batch_size, sampler=sampler,
+                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                      worker_init_fn=quiet_stop_signals if self.num_workers > 0 else None)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.train_tasks_per_epoch, TaskIndexSampler(self.train_tasks_per_epoch))
+    def train_dataloader(self) -> TaskDataLoader:
+        return self._loader("train", self.train_tasks_per_epoch, TaskIndexSampler(self.train_tasks_per_epoch),
+                            TaskDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.val_tasks, FixedTaskSampler(self.val_tasks))
