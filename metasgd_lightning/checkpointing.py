@@ -1,0 +1,194 @@
+"""Checkpoints that survive a crash: atomic writes, intact-or-named loading, and the stop of a preempted run.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file in the checkpoint's own
+  folder, flushes it to disk and renames it over the old one (``os.replace``, atomic on POSIX): a
+  crash or kill while writing leaves the previous checkpoint as it was. The ``metasgd`` command uses
+  it by default; in Python, ``L.Trainer(plugins=[AtomicCheckpointIO()])``.
+- A checkpoint that is truncated or corrupt (a file written by something else, a full disk) is refused
+  with :class:`CheckpointCorruptError`, which names the file and the newest intact checkpoint beside it.
+- :func:`resolve_resume_path` turns ``--ckpt_path last`` into the newest ``last*.ckpt`` of a folder,
+  or into a fresh start (said in one line) when there is none yet.
+- :class:`Preempted` is how a run stopped by a signal (SIGTERM, SIGUSR1, Ctrl-C) ends once its
+  checkpoint is saved: a ``SystemExit`` with the shell's code for that signal (128 + its number).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import signal
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+__all__ = ["AtomicCheckpointIO", "CheckpointCorruptError", "Preempted", "checkpoint_is_intact",
+           "newest_intact_checkpoint", "resolve_resume_path"]
+
+_LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")  # ModelCheckpoint's last.ckpt and its versions (last-v1.ckpt)
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint file that is truncated or corrupt; the message names it and the newest intact one beside it."""
+
+    def __init__(self, path: _PATH, cause: BaseException | None = None) -> None:
+        path = Path(path)
+        self.path, self.intact = path, newest_intact_checkpoint(path.parent, exclude=path)
+        reason = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
+        advice = (f"The newest intact checkpoint beside it is {self.intact}: resume with --ckpt_path {self.intact}."
+                  if self.intact else f"There is no intact checkpoint beside it in {path.parent}.")
+        super().__init__(f"Checkpoint {path} is truncated or corrupt{reason}. {advice}")
+
+
+def checkpoint_is_intact(path: _PATH) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` archive whose every record matches its checksum.
+
+    ``torch.save`` writes a zip archive (its table of contents at the end, a CRC-32 per record), so a
+    truncated file has no table of contents and a damaged one fails a checksum. Reads the whole file.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return False
+
+
+def newest_intact_checkpoint(folder: _PATH, exclude: _PATH | None = None) -> Path | None:
+    """The most recently written intact ``*.ckpt`` in ``folder`` (``exclude`` left out), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    candidates = [p for p in folder.glob("*.ckpt") if p.is_file() and p.resolve() != excluded]
+    for path in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        if checkpoint_is_intact(path):
+            return path
+    return None
+
+
+def last_checkpoint(folder: _PATH) -> Path | None:
+    """The most recently written ``last.ckpt`` (or ``last-vN.ckpt``) in ``folder``, intact or not; None if none."""
+    folder = Path(folder)
+    found = [p for p in folder.iterdir() if _LAST.match(p.name) and p.is_file()] if folder.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resolve_resume_path(ckpt_path: _PATH | None, folder: _PATH | None) -> _PATH | None:
+    """The checkpoint ``fit`` should resume from, checked to be intact.
+
+    ``"last"`` with a known checkpoint ``folder`` becomes the newest ``last*.ckpt`` there, or ``None``
+    (a fresh start, said in one line) when the folder has none yet. A file path must be an intact
+    checkpoint, else :class:`CheckpointCorruptError`. Other values (``None``, ``"best"``, ``"hpc"``, a
+    ``"last"`` without a known folder, remote paths) are Lightning's to resolve and are returned as given.
+    """
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        if folder is None:
+            return ckpt_path
+        path = last_checkpoint(folder)
+        if path is None:
+            rank_zero_info(f"--ckpt_path last: no checkpoint in {folder} yet, so training starts from scratch.")
+            return None
+    elif str(ckpt_path) in ("best", "hpc") or "://" in str(ckpt_path):
+        return ckpt_path
+    else:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            return ckpt_path  # Lightning names a missing file
+    if not checkpoint_is_intact(path):
+        raise CheckpointCorruptError(path)
+    return str(path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` that never leaves a half-written checkpoint where a good one was.
+
+    Saving writes to ``.<name>.<random>.tmp`` in the destination folder, flushes and ``fsync``s it,
+    then renames it over ``<name>`` (``os.replace``: readers see the old file or the new one, never a
+    mix) and ``fsync``s the folder. A crash or ``SIGKILL`` in the middle leaves the old checkpoint and
+    a stray temporary file, which the next save of that name removes; Lightning's own ``--ckpt_path
+    last`` search ignores it. (Lightning's default writes through fsspec to a file in the system's
+    temporary folder and moves it, which is a copy, not atomic, when that folder is another file system.)
+
+    Loading refuses a truncated or corrupt file with :class:`CheckpointCorruptError`, naming the newest
+    intact checkpoint beside it. Remote paths (``s3://`` and the like) are left to ``TorchCheckpointIO``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        import torch
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it private; a checkpoint is an ordinary file
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        _fsync_folder(path.parent)
+        for stray in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a save that was killed
+            with contextlib.suppress(OSError):
+                stray.unlink()
+
+    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            if "://" not in str(path) and Path(path).is_file() and not checkpoint_is_intact(path):
+                raise CheckpointCorruptError(path, error) from error
+            raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+class Preempted(SIGTERMException):
+    """The end of a run stopped by a signal after its checkpoint was saved: exits with code 128 + the signal's number.
+
+    A ``SystemExit`` (no traceback), and Lightning's ``SIGTERMException``, which callbacks can react to
+    in ``on_exception``. The exit code follows the shell's convention for a process ended by a signal
+    (143 for SIGTERM, 138 for SIGUSR1, 130 for SIGINT), so job schedulers see an interrupted run, not
+    a finished one.
+    """
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(128 + int(signum))
+        self.signum, self.message = int(signum), message
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def __str__(self) -> str:
+        return self.message or f"stopped by {self.signal_name}"
