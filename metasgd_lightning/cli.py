@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 import datamodules  # noqa: F401  (registers the data modules for `--data`)
@@ -22,6 +23,7 @@ import datamodules  # noqa: F401  (registers the data modules for `--data`)
 from ._module_class import names_module_class
 from ._quiet import silence_lightning_noise
 from .callbacks import LearnedRateMonitor, MetaSGDCheckpoint
+from .checkpointing import AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, resolve_resume_path
 from .module import MetaLearningModule, MetaSGDLightningModule
 
 __all__ = ["MetaSGDCLI", "main"]
@@ -50,11 +52,38 @@ class MetaSGDCLI(LightningCLI):
         parser.add_lightning_class_args(MetaSGDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LearnedRateMonitor, "lr_monitor")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the model's settings from a given checkpoint first: refuse a broken one by name.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file() and not checkpoint_is_intact(path):
+            raise CheckpointCorruptError(path)
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs):
+        # Checkpoints are written atomically unless the config names a CheckpointIO plugin of its own.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = (config.get("trainer") or {}).get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(**kwargs, plugins=plugins)
+
+    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        # `--ckpt_path last` finds the newest last*.ckpt in the checkpoint folder (or starts fresh, saying so),
+        # and a truncated or corrupt file is refused before any process or worker starts.
+        checkpoint = self.trainer.checkpoint_callback
+        folder = getattr(checkpoint, "dirpath", None)
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_resume_path(ckpt_path, folder), **kwargs)
+
     def after_fit(self) -> None:
         trainer, module = self.trainer, self.trainer.lightning_module
-        # A run stopped by max_steps mid-epoch may end without a validation: score the final weights.
+        # MetaSGDCheckpoint has Lightning validate the final weights inside fit; when that epoch does not
+        # validate (check_val_every_n_epoch), score them here and rank them among the best checkpoints.
         if not trainer.interrupted and trainer.limit_val_batches and module.last_validated_step != trainer.global_step:
             trainer.validate(module, datamodule=self.datamodule, verbose=False)
+            if isinstance(trainer.checkpoint_callback, MetaSGDCheckpoint):
+                trainer.checkpoint_callback.rank_validation(trainer)
         _print_summary(self.trainer, "fit")
 
     def after_validate(self) -> None:
@@ -86,7 +115,8 @@ def _print_summary(trainer, stage: str) -> None:
         lines.append(f"TensorBoard logs: {log_dir}")
     checkpoint = trainer.checkpoint_callback
     if stage == "fit" and checkpoint is not None and checkpoint.dirpath:
-        lines.append(f"Checkpoints: {checkpoint.dirpath} (last.ckpt; best: {Path(checkpoint.best_model_path).name or 'none yet'})")
+        last = Path(checkpoint.last_model_path).name or "last.ckpt"
+        lines.append(f"Checkpoints: {checkpoint.dirpath} ({last}; best: {Path(checkpoint.best_model_path).name or 'none yet'})")
     if logger is not None and getattr(logger, "save_dir", None):
         lines.append(f"Watch them: tensorboard --logdir {os.path.relpath(logger.save_dir)}")
     print("\n".join(lines), flush=True)
@@ -112,15 +142,18 @@ def main(args: list[str] | None = None) -> None:
 
         return plot_lrs(argv[1:])
     silence_lightning_noise()
-    MetaSGDCLI(
-        MetaSGDLightningModule,
-        LightningDataModule,
-        subclass_mode_data=True,
-        # Meta-SGD adapts with gradients at validation and test too.
-        trainer_defaults={"inference_mode": False},
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    try:
+        MetaSGDCLI(
+            MetaSGDLightningModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            # Meta-SGD adapts with gradients at validation and test too.
+            trainer_defaults={"inference_mode": False},
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except CheckpointCorruptError as error:
+        raise SystemExit(f"metasgd: {error}") from None
 
 
 if __name__ == "__main__":
