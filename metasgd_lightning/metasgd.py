@@ -458,8 +458,9 @@ class MetaSGD(nn.Module):
                 if batched or bool(scale > 0) or not search:
                     grads, loss = self._gradient(fast, x, y, loss_fn, first_order, batched, loss)
                 # else: one task whose step was refused stays where it was, with the same gradient.
-            elif loss is None:
-                loss = self._support_loss(fast, x, y, loss_fn)
+            elif loss is None:  # the support loss after the last step is recorded, never differentiated
+                with torch.no_grad():
+                    loss = self._support_loss(fast, x, y, loss_fn)
             losses.append(loss.detach())
             scales.append(scale.detach())
         return fast, torch.stack(losses), torch.stack(scales)
