@@ -29,7 +29,19 @@ they kept the CPUs during the step, and the median is over the steps that ran al
 column: such steps / all steps; if none did, over all of them). Two OpenMP threads that share two
 cores with another busy process can make a step ten times slower.
 
-    python benchmarks/throughput.py                      # second and first order, real sizes
+Roofline. Each worker counts the FLOPs of its untimed warm-up step: the FLOP formulas of
+``torch.utils.flop_counter`` (convolutions and matrix products, forward and backward) under a plain
+``TorchDispatchMode``, which sees every aten op of the forward, the backward and the double backward
+(torch's ``FlopCounterMode`` itself tracks modules with hooks that refuse ``torch.autograd.grad``, so it
+cannot run an inner loop; a double backward of a convolution reaches the dispatcher as convolutions,
+counted like any other). Element-wise work (batch norm, ReLU, pooling, the SGD step) counts no FLOPs.
+In the same turns, fresh processes measure two ceilings of the machine: ``gemm``, an fp32 matrix
+product (2048² on CPU, 8192² on CUDA, TF32 off), and ``net``, the network's own forward+backward
+(cross-entropy, gradients of all weights) at the query batch size (75 images), FLOPs counted the same
+way. The roofline table gives each implementation's tasks/s, achieved GFLOP/s (counted FLOPs per step
+over the median step time) and its fraction of either ceiling.
+
+    python benchmarks/throughput.py                      # second and first order, real sizes, roofline
     python benchmarks/throughput.py --quick              # a smoke run: 4 tasks, 2 steps
     python benchmarks/throughput.py --profile            # where the time of one step goes
     python benchmarks/throughput.py --experiments        # candidate speed-ups, measured the same way
@@ -65,6 +77,8 @@ from metasgd_lightning.models import ConvNet4  # noqa: E402
 
 IMPLS = ("l2l", "core", "lightning")
 NAMES = {"l2l": "(1) learn2learn MetaSGD", "core": "(2) our core (no Lightning)", "lightning": "(3) our LightningModule"}
+CEILINGS = ("gemm", "net")
+CEILING_NAMES = {"gemm": "fp32 GEMM", "net": f"ConvNet4 forward+backward, batch {5 * 15}"}
 WAYS, SHOTS, QUERIES, INIT_LR, META_LR = 5, 1, 15, 0.4, 1e-3
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 KEEP_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
@@ -215,8 +229,10 @@ def chunked_backward_step_fn(model: nn.Module, first_order: bool, args, chunk: i
     return step
 
 
-def run_lightning(model: nn.Module, first_order: bool, batches: list[Batch], steps: int, args) -> tuple[list, list[float]]:
-    """``Trainer.fit`` for one warm-up step and ``steps`` timed ones; (step samples, meta-losses)."""
+def run_lightning(model: nn.Module, first_order: bool, batches: list[Batch], steps: int, args,
+                  flops: FlopCount | None = None) -> tuple[list, list[float]]:
+    """``Trainer.fit`` for one warm-up step (its FLOPs counted into ``flops``) and ``steps`` timed ones;
+    (step samples, meta-losses)."""
     import lightning as L
     from torch.utils.data import DataLoader, Dataset
 
@@ -235,8 +251,14 @@ def run_lightning(model: nn.Module, first_order: bool, batches: list[Batch], ste
             self.samples: list[tuple[float, float]] = []
             self.losses: list[float] = []
 
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 0 and flops is not None:
+                flops.__enter__()
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             sync(args.device)
+            if batch_idx == 0 and flops is not None:
+                flops.__exit__(None, None, None)
             if batch_idx > 0:  # step 0 warms up
                 self.samples.append(self.clock.stop())
             self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
@@ -257,6 +279,87 @@ def run_lightning(model: nn.Module, first_order: bool, batches: list[Batch], ste
     return timer.samples, timer.losses
 
 
+# -- FLOPs and the machine's ceilings (roofline) -----------------------------------------------------------
+
+
+class FlopCount:
+    """FLOPs of the aten ops run inside it, by torch.utils.flop_counter's formulas (see the module docstring)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+
+        self.by_op: dict[str, int] = {}
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                formula = flop_registry.get(func._overloadpacket)
+                if formula is not None:
+                    name = str(func._overloadpacket).removeprefix("aten.")
+                    counter.by_op[name] = counter.by_op.get(name, 0) + int(formula(*args, **kwargs, out_val=out))
+                return out
+
+        self.mode = _Mode()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+    def __enter__(self) -> "FlopCount":
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
+def ceiling_fn(name: str, args) -> Callable[[], None]:
+    """One call of a ceiling: ``gemm`` (an fp32 matrix product) or ``net`` (forward+backward of the network)."""
+    if name == "gemm":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        n = 8192 if args.device.type == "cuda" else 2048
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(n, n, generator=g).to(args.device) for _ in range(2))
+        return lambda: torch.mm(a, b)
+    model = make_model(args)
+    x = make_batches(1, 1, args.device, args.seed)[0][2][0]  # one task's 75 query images
+    y = torch.arange(WAYS, device=args.device).repeat_interleave(QUERIES)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    return forward_backward
+
+
+def ceiling_worker(name: str, args) -> dict:
+    """The ceiling ``name`` in this process: a counted warm-up call, then ``args.steps`` timed samples."""
+    call = ceiling_fn(name, args)
+    before = memory_now(args.device)
+    with FlopCount() as flops:
+        call()
+    sync(args.device)
+    start = time.perf_counter()
+    call()
+    sync(args.device)
+    once = time.perf_counter() - start
+    reps = max(1, round(0.25 / max(once, 1e-6)))  # a sample of about 0.25 s, timed as one step
+    clock, samples = StepClock(args), []
+    for _ in range(args.steps):
+        sync(args.device)
+        clock.start()
+        for _ in range(reps):
+            call()
+        sync(args.device)
+        seconds, others = clock.stop()
+        samples.append((seconds / reps, others))
+    return {"samples": samples, "first_loss": float("nan"), "before_mib": before, "peak_mib": memory_peak(args.device),
+            "flops": flops.total, "flops_by_op": flops.by_op}
+
+
 # -- candidate speed-ups (--experiments) ----------------------------------------------------------------------
 
 
@@ -265,7 +368,13 @@ VARIANTS: dict[str, dict] = {
     "core (as today)": dict(impl="core"),
     "core, backward every task": dict(impl="core", chunk=1),
     "core, backward every 8 tasks": dict(impl="core", chunk=8),
-    "core + channels_last": dict(impl="core", channels_last=True),
+    "core + channels_last weights": dict(impl="core", channels_last=True),
+    # What the CPU paths of metasgd_lightning.models bring (see apply_options):
+    "core, NCHW input": dict(impl="core", nchw=True),
+    "core, torch's batch-norm double backward": dict(impl="core", torch_bn=True),
+    "core, NCHW + torch's batch-norm double backward (before)": dict(impl="core", nchw=True, torch_bn=True),
+    "l2l, NCHW input (before)": dict(impl="l2l", nchw=True, torch_bn=True),
+    "net fwd+bwd, NCHW input": dict(impl="net", nchw=True),
     "core, 1 thread": dict(impl="core", threads=1),
     "core vmap": dict(impl="core", vectorize="vmap"),
     "core loop": dict(impl="core", vectorize="loop"),
@@ -276,11 +385,27 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def build_step(name: str, first_order: bool, args) -> Callable[[Batch], float]:
-    """The step function of an implementation (``l2l``, ``core``) or of a variant of ``VARIANTS``."""
-    options = {"impl": name, **VARIANTS.get(name, {})}
+def options_of(name: str) -> dict:
+    return {"impl": name, **VARIANTS.get(name, {})}
+
+
+def apply_options(options: dict) -> None:
+    """Process-wide switches of a variant: threads; ``nchw``: ConvNet4 without its channels-last copy of
+    the input on CPU; ``torch_bn``: TaskBatchNorm2d with torch's own batch-norm double backward."""
+    from metasgd_lightning import models
+
     if options.get("threads"):
         torch.set_num_threads(options["threads"])
+    if options.get("nchw"):
+        models.channels_last_on_cpu = lambda x: x
+    if options.get("torch_bn"):
+        models.TaskBatchNorm2d.fused_double_backward = False
+
+
+def build_step(name: str, first_order: bool, args) -> Callable[[Batch], float]:
+    """The step function of an implementation (``l2l``, ``core``) or of a variant of ``VARIANTS``."""
+    options = options_of(name)
+    apply_options(options)
     model = make_model(args)
     if options.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -318,15 +443,20 @@ def memory_peak(device: torch.device) -> float:
 
 
 def worker(name: str, first_order: bool, args) -> dict:
-    """Warm-up step, then ``args.steps`` timed steps of ``name``, in this (fresh) process."""
+    """Warm-up step (its FLOPs counted), then ``args.steps`` timed steps of ``name``, in this (fresh) process."""
+    if options_of(name)["impl"] in CEILINGS:
+        apply_options(options_of(name))
+        return ceiling_worker(options_of(name)["impl"], args)
     batches = make_batches(4, args.tasks, args.device, args.seed)
     before = memory_now(args.device)
+    flops = FlopCount()
     if name == "lightning":
-        samples, losses = run_lightning(make_model(args), first_order, batches, args.steps, args)
+        samples, losses = run_lightning(make_model(args), first_order, batches, args.steps, args, flops)
         first_loss = losses[0]
     else:
         step = build_step(name, first_order, args)
-        first_loss = step(batches[0])
+        with flops:
+            first_loss = step(batches[0])
         clock, samples = StepClock(args), []
         for i in range(args.steps):
             sync(args.device)
@@ -334,7 +464,8 @@ def worker(name: str, first_order: bool, args) -> dict:
             step(batches[(i + 1) % len(batches)])
             sync(args.device)
             samples.append(clock.stop())
-    return {"samples": samples, "first_loss": first_loss, "before_mib": before, "peak_mib": memory_peak(args.device)}
+    return {"samples": samples, "first_loss": first_loss, "before_mib": before, "peak_mib": memory_peak(args.device),
+            "flops": flops.total, "flops_by_op": flops.by_op}
 
 
 def profile_worker(name: str, first_order: bool, args) -> None:
@@ -416,6 +547,8 @@ def run_turns(names: list[str], first_order: bool, args) -> dict[str, dict]:
             res["first_loss"] = out["first_loss"] if res["first_loss"] is None else res["first_loss"]
             res["before_mib"] = out["before_mib"] if res["before_mib"] is None else min(res["before_mib"], out["before_mib"])
             res["peak_mib"] = max(res["peak_mib"], out["peak_mib"])
+            res.setdefault("flops", out.get("flops"))
+            res.setdefault("flops_by_op", out.get("flops_by_op"))
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
             f"{name} {statistics.median(t for t, _ in results[name]['samples'][-steps:]):.3f} s/step" for name in names),
             flush=True)
@@ -434,6 +567,41 @@ def _row(label: str, res: dict, args, width: int, reference: float | None = None
 def _header(width: int, first: str, versus: bool) -> str:
     return (f"  {first:{width}s} {'s/step':>7s} {'(min-max)':>15s} {'alone':>6s} {'tasks/s':>8s}  "
             + (f"{'vs l2l':>7s}  " if versus else "") + f"{'first meta-loss':>15s}  {'peak MiB':>8s} {'(+start)':>8s}")
+
+
+def ceilings_line(results: dict[str, dict], args) -> str:
+    """The machine's ceilings measured in these turns (and ceiling variants), in GFLOP/s."""
+    parts = []
+    for name in [n for n in results if options_of(n)["impl"] in CEILINGS]:
+        seconds = summarize(results[name]["samples"], args.busy_threshold)["median"]
+        label = CEILING_NAMES.get(name, name) + (f" ({8192 if args.device.type == 'cuda' else 2048}²)" if name == "gemm" else "")
+        gflop = results[name]["flops"] / 1e9
+        parts.append(f"{label}: {gflop:.3f} GFLOP in {1e3 * seconds:.1f} ms = {gflop / seconds:.1f} GFLOP/s")
+    return "  ceilings (same turns, fresh processes, medians): " + "; ".join(parts)
+
+
+def roofline_table(names: list[str], labels: dict[str, str], results: dict[str, dict], args) -> list[str]:
+    """tasks/s, counted GFLOP per task, achieved GFLOP/s and the fraction of each ceiling, per implementation."""
+    ceiling = {name: results[name]["flops"] / summarize(results[name]["samples"], args.busy_threshold)["median"]
+               for name in CEILINGS}
+    width = max(len(labels[name]) for name in names)
+    # The work of the algorithm: the fewest FLOPs any implementation counted (ours adds a support forward
+    # after the step, under no_grad, to record the adaptation gain; it is not counted as achieved work).
+    useful = min(results[name]["flops"] for name in names)
+    lines = [f"  roofline: achieved GFLOP/s = {useful / args.tasks / 1e9:.3f} GFLOP/task (the algorithm's, the fewest "
+             "counted) x tasks/s",
+             f"  {'implementation':{width}s} {'tasks/s':>8s} {'GFLOP/s':>8s} {'of GEMM':>8s} {'of net fwd+bwd':>14s}  "
+             f"{'counted GFLOP/task':>18s}  by op"]
+    for name in names:
+        seconds = summarize(results[name]["samples"], args.busy_threshold)["median"]
+        flops = results[name]["flops"]
+        achieved = useful / seconds
+        by_op = ", ".join(f"{op} {v / args.tasks / 1e9:.3f}" for op, v in sorted(results[name]["flops_by_op"].items(),
+                                                                                   key=lambda kv: -kv[1]) if v >= 1e6)
+        lines.append(f"  {labels[name]:{width}s} {args.tasks / seconds:8.2f} {achieved / 1e9:8.1f} "
+                     f"{100 * achieved / ceiling['gemm']:7.1f}% {100 * achieved / ceiling['net']:13.1f}%  "
+                     f"{flops / args.tasks / 1e9:18.3f}  {by_op}")
+    return lines
 
 
 def load() -> str:
@@ -516,19 +684,22 @@ def main() -> None:
         for first_order in orders(args):
             order = "first" if first_order else "second"
             print(f"\nExperiments, {order} order: {args.steps} timed steps each in {args.rounds} round(s)", flush=True)
-            results = run_turns(names, first_order, args)
-            width = max(map(len, names))
+            results = run_turns(names + list(CEILINGS), first_order, args)
+            steps = [name for name in names if options_of(name)["impl"] not in CEILINGS]
+            width = max(map(len, steps))
             reference = summarize(results["l2l (as today)"]["samples"], args.busy_threshold)["median"]
             print(_header(width, "variant", True))
-            for name in names:
+            for name in steps:
                 print(_row(name, results[name], args, width, reference)[0])
+            print(ceilings_line(results, args))
+            print("\n".join(roofline_table(steps, {name: name for name in steps}, results, args)))
             print(f"  load average: {load()}", flush=True)
         return
 
     for first_order in orders(args):
         label = "first order" if first_order else "second order"
         print(f"\n{label}: {args.steps} timed steps per implementation in {args.rounds} round(s)", flush=True)
-        results = run_turns(list(IMPLS), first_order, args)
+        results = run_turns(list(IMPLS) + list(CEILINGS), first_order, args)
         width = max(map(len, NAMES.values()))
         print(_header(width, "implementation", False))
         seconds = {}
@@ -538,6 +709,8 @@ def main() -> None:
         print(f"  (3)/(1) speed-up over learn2learn: {seconds['l2l'] / seconds['lightning']:.2f}x   "
               f"(2)/(1): {seconds['l2l'] / seconds['core']:.2f}x   "
               f"Lightning overhead (3)/(2) - 1: {100 * (seconds['lightning'] / seconds['core'] - 1):+.1f}% of the step time")
+        print(ceilings_line(results, args))
+        print("\n".join(roofline_table(list(IMPLS), NAMES, results, args)))
         print(f"  load average: {load()}", flush=True)
 
 
