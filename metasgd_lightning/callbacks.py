@@ -51,7 +51,7 @@ class MetaSGDCheckpoint(ModelCheckpoint):
 
     def __init__(self, *args, monitor: str | None = "auto", save_last: bool | None = True,
                  filename: str | None = "best-{step}", save_on_train_epoch_end: bool | None = False,
-                 last_every_n_steps: int | None = None, last_every_minutes: float | None = 5.0,
+                 last_every_n_steps: int | None = None, last_every_minutes: float | None = 2.0,
                  stop_signals: list[str] | None = None, **kwargs) -> None:
         if save_last == "link":
             raise ValueError("MetaSGDCheckpoint writes last.ckpt as a file of its own (a link would point to the best "
