@@ -20,7 +20,8 @@ from .metasgd import check_positive_int
 
 __all__ = ["LearnedRateMonitor", "MetaSGDCheckpoint"]
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+# SIGUSR1 does not exist on Windows.
+STOP_SIGNALS = tuple(name for name in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, name))
 
 
 class MetaSGDCheckpoint(ModelCheckpoint):
@@ -57,7 +58,8 @@ class MetaSGDCheckpoint(ModelCheckpoint):
             raise ValueError("MetaSGDCheckpoint writes last.ckpt as a file of its own (a link would point to the best "
                              "checkpoint, not to the last weights): use save_last=True.")
         check_positive_int("last_every_n_steps", last_every_n_steps, or_none=True)
-        if last_every_minutes is not None and not (isinstance(last_every_minutes, (int, float)) and last_every_minutes > 0):
+        minutes = last_every_minutes
+        if minutes is not None and not (isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and minutes > 0):
             raise ValueError(f"`last_every_minutes` must be a positive number or None; got {last_every_minutes!r}.")
         signals = list(STOP_SIGNALS if stop_signals is None else stop_signals)
         unknown = [name for name in signals if not isinstance(getattr(signal, str(name), None), signal.Signals)]
@@ -97,7 +99,8 @@ class MetaSGDCheckpoint(ModelCheckpoint):
             return
         every = self.last_every_n_steps
         due = bool(every) and trainer.global_step % every == 0
-        timed = self.last_every_minutes is not None and time.monotonic() - self._last_save_time >= 60 * self.last_every_minutes
+        minutes = self.last_every_minutes
+        timed = minutes is not None and time.monotonic() - self._last_save_time >= 60 * minutes
         stop, timed = self._agree(trainer, self._received or 0, int(timed))
         final = self._is_final_step(trainer)
         if stop or due or timed or final:
@@ -178,7 +181,8 @@ class MetaSGDCheckpoint(ModelCheckpoint):
             return True
         progress = trainer.fit_loop.epoch_loop.batch_progress
         last_batch = progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
-        return bool(last_batch) and trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        max_epochs = trainer.max_epochs
+        return bool(last_batch) and max_epochs not in (None, -1) and trainer.current_epoch + 1 >= max_epochs
 
     @staticmethod
     def _agree(trainer, *flags: int) -> list[int]:
@@ -211,7 +215,8 @@ class MetaSGDCheckpoint(ModelCheckpoint):
             name = signal.Signals(signum).name
             again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
             # os.write: safe inside a signal handler, where print may be reentered.
-            os.write(2, f"\n{name} received: saving a checkpoint at the end of this step, then stopping{again}.\n".encode())
+            message = f"\n{name} received: saving a checkpoint at the end of this step, then stopping{again}.\n"
+            os.write(2, message.encode())
         self._received = signum
 
     def _stop(self, trainer, signum: int) -> None:
