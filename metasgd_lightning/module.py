@@ -101,13 +101,13 @@ class MetaLearningModule(L.LightningModule):
     :meth:`_save_hyperparameters`, and sets:
 
     - ``self.meta_learner``: an ``nn.Module`` with ``model`` (the network), ``forward(x, params)``,
-      ``adapt(support_x, support_y, loss_fn, steps, **options)`` (one task's fast weights) and
-      ``adapt_tasks(support_x, support_y, query_x, query_y, loss_fn, steps, vectorize, **options)``
+      ``adapt(support_x, support_y, loss_fn, steps, *options)`` (one task's fast weights) and
+      ``adapt_tasks(support_x, support_y, query_x, query_y, loss_fn, steps, vectorize, *options)``
       (a :class:`~metasgd_lightning.metasgd.TaskBatchResult`), as :class:`~metasgd_lightning.MetaSGD`
       and :class:`~metasgd_lightning.reptile.Reptile` have;
     - ``self.eval_inner_steps``, ``self.optimizer_factory`` and ``self.lr_scheduler_factory``;
 
-    and may override :meth:`_evaluation_options` (the ``options`` above at evaluation),
+    and may override :meth:`_evaluation_options` (the ``options`` above at evaluation, in order),
     :meth:`_configure_optimizer` and :meth:`_configure_scheduler`.
 
     Args:
@@ -153,19 +153,19 @@ class MetaLearningModule(L.LightningModule):
 
     # -- adaptation and evaluation ------------------------------------------------------------------
 
-    def adapt_batch(self, batch, steps: int, stage: str, **options) -> TaskBatchResult:
+    def adapt_batch(self, batch, steps: int, stage: str, *options) -> TaskBatchResult:
         """Adapt every task of a meta-batch and score its query set; stop on NaN/inf.
 
-        ``options`` go to ``meta_learner.adapt_tasks`` (Meta-SGD: ``first_order``, ``step_weights``;
-        Reptile: ``batch_size``, ``seeds``).
+        ``options`` are the further arguments of ``meta_learner.adapt_tasks``, after ``vectorize``
+        (Meta-SGD: ``first_order``, ``step_weights``; Reptile: ``batch_size``, ``seeds``).
         """
         support_x, support_y, query_x, query_y = check_task_batch(batch)
         self._check_targets(support_y, query_y)
-        return self._adapt_checked((support_x, support_y, query_x, query_y), steps, stage, **options)
+        return self._adapt_checked((support_x, support_y, query_x, query_y), steps, stage, *options)
 
-    def _adapt_checked(self, batch, steps: int, stage: str, first_task: int = 0, **options) -> TaskBatchResult:
+    def _adapt_checked(self, batch, steps: int, stage: str, *options, first_task: int = 0) -> TaskBatchResult:
         """:meth:`adapt_batch` for a batch already checked; ``first_task`` is its place in the meta-batch."""
-        result = self.meta_learner.adapt_tasks(*batch, self.loss_fn, steps, self.vectorize, **options)
+        result = self.meta_learner.adapt_tasks(*batch, self.loss_fn, steps, self.vectorize, *options)
         try:
             result.raise_if_not_finite(f"{stage} (global step {self.global_step})")
         except InnerLoopDivergedError as error:  # name the task by its place in the whole meta-batch
@@ -173,9 +173,10 @@ class MetaLearningModule(L.LightningModule):
                                          f"{stage} (global step {self.global_step})", error.steps) from None
         return result
 
-    def _evaluation_options(self) -> dict:
-        """Options of ``meta_learner.adapt`` and ``adapt_tasks`` at validation, test and prediction."""
-        return {}
+    def _evaluation_options(self) -> tuple:
+        """The further arguments of ``meta_learner.adapt`` (after ``steps``) and ``adapt_tasks`` (after
+        ``vectorize``) at validation, test and prediction."""
+        return ()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -198,7 +199,7 @@ class MetaLearningModule(L.LightningModule):
     def adapt_task(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """The fast weights for one task, adapted as at evaluation (``eval_inner_steps`` steps by default)."""
         return self.meta_learner.adapt(support_x, support_y, self.loss_fn, steps or self.eval_inner_steps,
-                                       **self._evaluation_options())
+                                       *self._evaluation_options())
 
     def predict_task(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Adapt to one task's support set and predict its queries: class indices, or outputs (regression)."""
@@ -208,7 +209,7 @@ class MetaLearningModule(L.LightningModule):
         return output.argmax(-1) if self.task == "classification" else output
 
     def _evaluate(self, batch, stage: str) -> None:
-        result = self.adapt_batch(batch, self.eval_inner_steps, stage, **self._evaluation_options())
+        result = self.adapt_batch(batch, self.eval_inner_steps, stage, *self._evaluation_options())
         for name, value in self._task_values(result, batch[3]).items():
             self.metrics[stage][name].update(value)
 
@@ -475,11 +476,12 @@ class MetaSGDLightningModule(MetaLearningModule):
     def adapt_batch(self, batch, steps: int, stage: str, first_order: bool | None = None,
                     step_weights: Tensor | None = None) -> TaskBatchResult:
         """Adapt every task of a meta-batch and score its query set; stop on NaN/inf."""
-        return super().adapt_batch(batch, steps, stage, first_order=first_order, step_weights=step_weights)
+        return super().adapt_batch(batch, steps, stage, first_order, step_weights)
 
-    def _evaluation_options(self) -> dict:
-        # No meta-gradient is needed at evaluation: first order gives the same fast weights with less memory.
-        return {"first_order": True}
+    def _evaluation_options(self) -> tuple:
+        # first_order=True: no meta-gradient is needed at evaluation, and first order gives the same fast
+        # weights with less memory.
+        return (True,)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         steps, epoch = self.meta_learner.inner_steps, self.current_epoch
@@ -514,8 +516,7 @@ class MetaSGDLightningModule(MetaLearningModule):
         parts = []
         for start in range(0, tasks, chunk):
             part = [t[start : start + chunk] for t in batch]
-            result = self._adapt_checked(part, steps, "training", first_task=start, first_order=first_order,
-                                         step_weights=step_weights)
+            result = self._adapt_checked(part, steps, "training", first_order, step_weights, first_task=start)
             last = start + chunk >= tasks
             # Under DDP only the last backward all-reduces: the earlier ones accumulate locally.
             with self._no_backward_sync() if not last else contextlib.nullcontext():
@@ -623,10 +624,10 @@ class ReptileLightningModule(MetaLearningModule):
         self.anneal = bool(anneal)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
 
-    def _evaluation_options(self) -> dict:
-        # Every task starts its mini-batch order from the same seed: tasks are adapted independently at
-        # evaluation, and the order is then the same on any number of devices.
-        return {"batch_size": self.eval_inner_batch_size}
+    def _evaluation_options(self) -> tuple:
+        # batch_size; no seeds: every task starts its mini-batch order from the same seed, since tasks are
+        # adapted independently at evaluation, and the order is then the same on any number of devices.
+        return (self.eval_inner_batch_size,)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         support_x, support_y, query_x, query_y = check_task_batch(batch)
