@@ -49,6 +49,7 @@ over the median step time) and its fraction of either ceiling.
     python benchmarks/throughput.py                      # second and first order, real sizes, roofline
     python benchmarks/throughput.py --quick              # a smoke run: 4 tasks, 2 steps
     python benchmarks/throughput.py --profile            # where the time of one step goes
+    python benchmarks/throughput.py --profile-lightning  # where Lightning's time per step goes (cProfile)
     python benchmarks/throughput.py --experiments        # candidate speed-ups, measured the same way
 """
 
@@ -254,9 +255,9 @@ def chunked_backward_step_fn(model: nn.Module, first_order: bool, args, chunk: i
 
 
 def run_lightning(model: nn.Module, first_order: bool, batches: list[Batch], steps: int, args,
-                  flops: FlopCount | None = None) -> tuple[list, list[float]]:
-    """``Trainer.fit`` for one warm-up step (its FLOPs counted into ``flops``) and ``steps`` timed ones;
-    (step samples, meta-losses)."""
+                  flops: FlopCount | None = None, profiler=None) -> tuple[list, list[float]]:
+    """``Trainer.fit`` for one warm-up step (its FLOPs counted into ``flops``) and ``steps`` timed ones
+    (a ``cProfile.Profile`` ``profiler`` on during them); (step samples, meta-losses)."""
     import lightning as L
     from torch.utils.data import DataLoader, Dataset
 
@@ -286,7 +287,11 @@ def run_lightning(model: nn.Module, first_order: bool, batches: list[Batch], ste
             if batch_idx > 0:  # step 0 warms up
                 self.samples.append(self.clock.stop())
             self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+            if profiler is not None and batch_idx == steps:
+                profiler.disable()
             if batch_idx < steps:
+                if profiler is not None and batch_idx == 0:
+                    profiler.enable()
                 self.clock.start()
 
     module = MetaSGDLightningModule(copy.deepcopy(model), task="classification", init_lr=INIT_LR,
@@ -495,9 +500,35 @@ def worker(name: str, first_order: bool, args) -> dict:
             "flops": flops.total, "flops_by_op": flops.by_op}
 
 
+def profile_lightning(first_order: bool, args) -> None:
+    """Where Lightning's time per step goes: cProfile over the timed steps of ``Trainer.fit`` (after the
+    warm-up step), the Python functions by own time and by cumulative time, and the step times."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    batches = make_batches(4, args.tasks, args.device, args.seed)
+    samples, _ = run_lightning(make_model(args), first_order, batches, args.steps, args, profiler=profiler)
+    seconds = statistics.median(t for t, _ in samples)
+    label = f"lightning, {'first' if first_order else 'second'} order"
+    print(f"\n== cProfile of {args.steps} Lightning steps ({label}): median step {1e3 * seconds:.1f} ms with the "
+          "profiler on (Python calls cost more under it)")
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(args.profile_rows)
+        print(f"-- by {order} --")
+        print("\n".join(line for line in out.getvalue().splitlines() if line.strip()
+                        and not line.startswith(("   Ordered", "   List reduced"))))
+
+
 def profile_worker(name: str, first_order: bool, args) -> None:
-    """torch.profiler over one step of ``name`` after a warm-up step, in this process."""
+    """torch.profiler over one step of ``name`` after a warm-up step, in this process (cProfile for Lightning)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    if name == "lightning":
+        profile_lightning(first_order, args)
+        return
 
     batches = make_batches(2, args.tasks, args.device, args.seed)
     step = build_step(name, first_order, args)
@@ -658,6 +689,8 @@ def main() -> None:
                         help="CPUs other processes may keep busy for a step to count as run alone")
     parser.add_argument("--max-wait", type=float, default=90.0, help="seconds to wait for quiet CPUs before a step")
     parser.add_argument("--profile", action="store_true", help="profile one step of l2l and of our core")
+    parser.add_argument("--profile-lightning", action="store_true",
+                        help="cProfile the timed steps of our LightningModule (where Lightning's time goes)")
     parser.add_argument("--profile-rows", type=int, default=12)
     parser.add_argument("--experiments", action="store_true", help="time candidate speed-ups (VARIANTS)")
     parser.add_argument("--only", default=None,
@@ -694,10 +727,10 @@ def main() -> None:
           f"{', bf16 autocast (ours)' if args.bf16 else ''}")
     print(f"load average at start: {load()}")
 
-    if args.profile:
+    if args.profile or args.profile_lightning:
         for first_order in orders(args):
-            for name in ("l2l", "core"):
-                spawn(name, first_order, 1, args, profile=True)
+            for name in ("l2l", "core") if args.profile else ("lightning",):
+                spawn(name, first_order, args.steps if name == "lightning" else 1, args, profile=True)
         return
 
     if args.experiments:
