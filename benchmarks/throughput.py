@@ -649,7 +649,8 @@ def roofline_table(names: list[str], labels: dict[str, str], results: dict[str, 
     lines = [f"  roofline: achieved GFLOP/s = {useful / args.tasks / 1e9:.3f} GFLOP/task (the algorithm's, the fewest "
              "counted) x tasks/s",
              f"  {'implementation':{width}s} {'tasks/s':>8s} {'GFLOP/s':>8s} {'of GEMM':>8s} {'of net fwd+bwd':>14s}  "
-             f"{'counted GFLOP/task':>18s}  by op"]
+             f"{'ms/task = net fwd+bwd + rest':>28s}  {'counted GFLOP/task':>18s}  by op"]
+    net_ms = 1e3 * summarize(results["net"]["samples"], args.busy_threshold)["median"]
     for name in names:
         seconds = summarize(results[name]["samples"], args.busy_threshold)["median"]
         flops = results[name]["flops"]
@@ -658,7 +659,10 @@ def roofline_table(names: list[str], labels: dict[str, str], results: dict[str, 
                                                                                    key=lambda kv: -kv[1]) if v >= 1e6)
         lines.append(f"  {labels[name]:{width}s} {args.tasks / seconds:8.2f} {achieved / 1e9:8.1f} "
                      f"{100 * achieved / ceiling['gemm']:7.1f}% {100 * achieved / ceiling['net']:13.1f}%  "
+                     f"{1e3 * seconds / args.tasks:10.1f} = {net_ms:6.1f} + {1e3 * seconds / args.tasks - net_ms:7.1f}  "
                      f"{flops / args.tasks / 1e9:18.3f}  {by_op}")
+    lines.append("  (net fwd+bwd: one task's query pass, 75 images, at the network's own forward+backward speed; the rest is "
+                 "the support pass, the double backward and bookkeeping)")
     return lines
 
 

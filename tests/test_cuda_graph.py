@@ -72,6 +72,22 @@ def test_on_cpu_the_step_runs_eagerly_with_one_line_saying_why():
     _assert_same_weights(meta, reference, rtol=0, atol=0)
 
 
+def test_without_an_optimizer_the_call_leaves_the_gradients_for_the_callers_step():
+    batch = _batches(1)[0]
+    meta, _ = _learner("cpu")
+    messages: list[str] = []
+    step = CudaGraphStep(meta, None, F.cross_entropy, log=messages.append)
+    before = [p.detach().clone() for p in meta.parameters()]
+    step(batch)
+    assert all(torch.equal(p, b) for p, b in zip(meta.parameters(), before))  # no update
+    reference, _ = _learner("cpu")
+    reference.adapt_tasks(*batch, F.cross_entropy, vectorize="vmap").query_loss.mean().backward()
+    for p, q in zip(meta.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        CudaGraphStep(meta, None, F.cross_entropy, gradient_clip_val=1.0)
+
+
 def test_an_optimizer_without_capturable_is_named():
     meta = MetaSGD(ConvNet4(out_features=5, hidden_channels=4), init_lr=0.1)
     messages: list[str] = []
@@ -104,6 +120,24 @@ def test_captured_step_equals_eager_step(case):
     _assert_same_weights(graphed, eager, rtol=1e-5, atol=1e-6)  # θ and α after 4 replays
     moved = max(float((p - q).abs().max()) for p, q in zip(graphed.parameters(), _learner("cuda")[0].parameters()))
     assert moved > 1e-4, "the steps did not move the weights: the comparison would have no teeth"
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_captured_gradients_with_the_callers_optimizer_step_equal_eager(first_order):
+    """optimizer=None, as a LightningModule would use it: the graph gives the gradients, Adam steps eagerly."""
+    batches = _batches(6, device="cuda")
+    runs = {}
+    for enabled in (False, True):
+        meta, optimizer = _learner("cuda", first_order=first_order)
+        step = CudaGraphStep(meta, None, F.cross_entropy, warmup_steps=2, enabled=enabled)
+        for batch in batches:
+            optimizer.zero_grad()  # set_to_none: the replay puts its gradients back
+            step(batch)
+            optimizer.step()
+        assert step.captured == enabled
+        runs[enabled] = meta
+    _assert_same_weights(runs[True], runs[False], rtol=1e-5, atol=1e-6)
 
 
 @NEEDS_CUDA
