@@ -74,6 +74,7 @@ class MetaSGDCheckpoint(ModelCheckpoint):
         self._last_saves = 0  # saves of last.ckpt so far
         self._last_save_time = time.monotonic()
         self._received: int | None = None  # the stop signal received, if any
+        self._speaks = True
         self._previous_handlers: dict[int, object] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -90,6 +91,7 @@ class MetaSGDCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_save_time, self._received = time.monotonic(), None
+        self._speaks = trainer.is_global_zero  # the rank that says a signal arrived
         # After Lightning's own handlers (registered when fit starts), which this replaces for the run.
         self._install_signal_handlers()
 
@@ -211,7 +213,7 @@ class MetaSGDCheckpoint(ModelCheckpoint):
     def _on_signal(self, signum, frame) -> None:
         if self._received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop at once (Lightning shuts down without saving)
-        if self._received is None:
+        if self._received is None and self._speaks:
             name = signal.Signals(signum).name
             again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
             # os.write: safe inside a signal handler, where print may be reentered.
@@ -221,8 +223,9 @@ class MetaSGDCheckpoint(ModelCheckpoint):
 
     def _stop(self, trainer, signum: int) -> None:
         name = signal.Signals(signum).name
-        message = (f"Stopped by {name} at step {trainer.global_step}: saved {self.last_model_path}. "
-                   "Resume with the same command and --ckpt_path last.")
+        saved = f"saved {self.last_model_path}" if self.save_last else "nothing saved (save_last is off)"
+        message = (f"Stopped by {name} at step {trainer.global_step}: {saved}. Resume with the same command and "
+                   "--ckpt_path last.")
         rank_zero_info(message)
         raise Preempted(signum, message)
 
