@@ -27,8 +27,10 @@ def test_torch_still_says_whether_a_functorch_transform_is_running():
 
 def test_task_batch_norm_takes_the_native_kernel_only_outside_transforms(monkeypatch):
     calls = []
-    native = torch.nn.functional.batch_norm
-    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(1) or native(*a, **k))
+    # the native kernel, through F.batch_norm or (on CPU, with the fused double backward) torch.native_batch_norm
+    for owner, name in ((torch.nn.functional, "batch_norm"), (torch, "native_batch_norm")):
+        native = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, native=native, **k: calls.append(1) or native(*a, **k))
     norm, x = TaskBatchNorm2d(3), torch.randn(4, 3, 5, 5)
     plain = norm(x)
     assert calls == [1]
