@@ -40,8 +40,8 @@ class TaskBatchNorm2d(nn.Module):
     (``tests/test_metasgd.py``). Elsewhere it calls the native kernel, which is right there and faster.
     On CPU its backward is itself a function with a hand-written backward (:class:`_BatchNormBackward`):
     the second-order meta-gradient runs the batch norm's double backward once per layer and task, and
-    torch's generic formula for it takes ~50 passes over the activations where this one takes ~8
-    (the support pass of a second-order ConvNet4 step 22% faster on CPU, ``benchmarks/throughput.py``).
+    torch's generic formula for it runs ~50 element-wise ops per layer where this one runs ~10 (a
+    second-order ConvNet4 step on the 2-core CPU: 15.51 against 14.95 tasks/s, ``benchmarks/throughput.py``).
 
     Args:
         num_features: channels.
@@ -269,11 +269,12 @@ def channels_last_on_cpu(x: Tensor) -> Tensor:
     """``x`` in channels-last memory format on CPU (outside ``torch.func`` transforms), else ``x`` as it is.
 
     Given a channels-last input, oneDNN's convolutions return channels-last outputs, and the max-pooling,
-    batch-norm and ReLU kernels that follow run on channels-last tensors: 1.4x faster forward+backward
-    of ConvNet4 at Omniglot's query batch on a 2-core CPU, 1.3x (second order) and 1.45x (first order)
-    faster Meta-SGD steps (``benchmarks/throughput.py``). The weights stay as they are. A one-channel
-    image is contiguous in both formats, and torch then keeps its strides, which oneDNN reads as NCHW:
-    ``clone`` with an explicit format gives it channels-last strides (a copy of the input only).
+    batch-norm and ReLU kernels that follow run on channels-last tensors: on the 2-core CPU, ConvNet4's
+    forward+backward at Omniglot's query batch runs at 96 against 69 GFLOP/s (1.4x), a second-order
+    Meta-SGD step at 15.6 against 13.1 tasks/s (1.19x) (``benchmarks/throughput.py``). The weights stay
+    as they are. A one-channel image is contiguous in both formats, and torch then keeps its strides,
+    which oneDNN reads as NCHW: ``clone`` with an explicit format gives it channels-last strides (a copy
+    of the input only).
     Under ``vmap`` a 4-d image is a 5-d tensor, which has no channels-last format: left as it is.
     """
     if x.device.type != "cpu" or functorch_transform_active():
