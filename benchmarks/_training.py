@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import sys
 import time
 import warnings
@@ -44,12 +45,14 @@ def fit_and_test(module: L.LightningModule, data: L.LightningDataModule, steps: 
                  eval_steps: Sequence[int], max_time: float | None = None, validate: bool = False) -> dict:
     """Train ``module`` for ``steps`` meta-steps (or ``max_time`` seconds), then test at each of ``eval_steps``.
 
-    Returns ``seconds`` (training wall time), ``steps_done``, with ``validate`` the validation score
+    Returns ``seconds`` (training wall time), ``steps_done``, ``peak_memory_mib`` (the process's
+    peak resident memory above what it held before training: meaningful in a fresh process), with ``validate`` the validation score
     ``val`` (at the module's ``eval_inner_steps``: the one that may pick a variant, never the test
     score) and, per number of evaluation steps, ``{"mean", "ci95", "values"}`` of the module's last
     metric (MSE or accuracy) on the test tasks; or ``diverged`` with the error message.
     """
     record: dict = {}
+    rss_before = _rss_kib()
     start = time.perf_counter()
     trainer = L.Trainer(max_steps=steps, limit_val_batches=0, max_time=None if max_time is None else {"seconds": max_time},
                         **TRAINER_ARGS)
@@ -59,7 +62,8 @@ def fit_and_test(module: L.LightningModule, data: L.LightningDataModule, steps: 
         record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step,
                       diverged=_first_sentence(error))
         return record
-    record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step)
+    record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step,
+                  peak_memory_mib=round(max(0, _peak_rss_kib() - rss_before) / 1024, 1))
     metric = module.metric_names[-1]  # "mse" or "acc"
     if validate:
         try:
@@ -81,6 +85,17 @@ def fit_and_test(module: L.LightningModule, data: L.LightningDataModule, steps: 
     return record
 
 
+def _rss_kib() -> int:
+    """This process's resident memory now, in KiB (Linux)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak resident memory so far, in KiB: run a row in a fresh process to measure it alone."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _first_sentence(error: Exception) -> str:
     """``InnerLoopDivergedError``'s where and what (e.g. "training (global step 292): the support loss ..."), without the advice."""
     return str(error).split(". The inner loop diverged")[0]
@@ -98,13 +113,14 @@ def _worker_init(threads: int) -> None:
 
 
 def run_rows(rows: Sequence[dict], run: Callable[[dict], dict], jobs: int = 1,
-             on_record: Callable[[list[dict]], None] | None = None) -> list[dict]:
+             on_record: Callable[[list[dict]], None] | None = None, fresh_processes: bool = False) -> list[dict]:
     """``run(row)`` for every row, in ``jobs`` processes, printing one line as each row starts and ends.
 
     ``run`` must be a module-level function (it is pickled to the workers). A row that raises becomes
     a record with ``error`` (the others go on). ``on_record`` gets the finished records (in row order)
-    after each row, e.g. to write a partial table that survives a stopped run. Returns the records
-    in the order of ``rows``.
+    after each row, e.g. to write a partial table that survives a stopped run. ``fresh_processes``
+    runs every row in a new process (for peak-memory figures), also with ``jobs=1``. Returns the
+    records in the order of ``rows``.
     """
     total, start = len(rows), time.perf_counter()
     records: list[dict | None] = [None] * total
@@ -122,14 +138,15 @@ def run_rows(rows: Sequence[dict], run: Callable[[dict], dict], jobs: int = 1,
         if on_record is not None:
             on_record([r for r in records if r is not None and "error" not in r])
 
-    if jobs <= 1:
+    if jobs <= 1 and not fresh_processes:
         for i, row in enumerate(rows):
             print(f"[{i + 1}/{total}] {row['label']} ...", flush=True)
             finish(i, lambda: run(row))
         return records  # type: ignore[return-value]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads,)) as pool:
+    # OMP_NUM_THREADS (torch's own thread count) caps each row's share, e.g. beside another benchmark.
+    threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // jobs))
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init, initargs=(threads,),
+                             max_tasks_per_child=1 if fresh_processes else None) as pool:
         futures = {pool.submit(run, row): i for i, row in enumerate(rows)}
         print(f"{total} rows in {jobs} processes of {threads} thread(s): "
               + "; ".join(f"[{i + 1}] {row['label']}" for i, row in enumerate(rows)), flush=True)
