@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
@@ -21,10 +23,12 @@ from lightning.pytorch.utilities import rank_zero_only
 import datamodules  # noqa: F401  (registers the data modules for `--data`)
 
 from ._module_class import names_module_class
+from ._parser import MetaSGDArgumentParser
 from ._quiet import silence_lightning_noise
 from .callbacks import LearnedRateMonitor, MetaSGDCheckpoint
 from .checkpointing import AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, resolve_resume_path
 from .module import MetaLearningModule, MetaSGDLightningModule
+from .progress import MetaProgressBar
 
 __all__ = ["MetaSGDCLI", "main"]
 
@@ -51,6 +55,7 @@ class MetaSGDCLI(LightningCLI):
         parser.link_arguments("data.ways", f"{model}.model.init_args.out_features", apply_on="instantiate")
         parser.add_lightning_class_args(MetaSGDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LearnedRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(MetaProgressBar, "progress")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the model's settings from a given checkpoint first: refuse a broken one by name.
@@ -60,6 +65,14 @@ class MetaSGDCLI(LightningCLI):
             raise CheckpointCorruptError(path)
         super()._parse_ckpt_path()
 
+    def before_instantiate_classes(self) -> None:
+        # Checkpoints go where the run goes: <default_root_dir>/checkpoints (the working folder without one),
+        # unless --checkpoint.dirpath names a folder; a fixed folder, so that `--ckpt_path last` finds last.ckpt.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("checkpoint") is not None and config.get("checkpoint.dirpath") is None:
+            root = config.get("trainer.default_root_dir") or os.getcwd()
+            config["checkpoint.dirpath"] = str(Path(root) / "checkpoints")
+
     def instantiate_trainer(self, **kwargs):
         # Checkpoints are written atomically unless the config names a CheckpointIO plugin of its own.
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -68,6 +81,15 @@ class MetaSGDCLI(LightningCLI):
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
         return super().instantiate_trainer(**kwargs, plugins=plugins)
+
+    def _instantiate_trainer(self, config, callbacks):
+        # The progress bar of `--progress.*` gives way to `enable_progress_bar: false` and to a progress bar
+        # callback of the config's own.
+        given = config.get("callbacks") or []
+        own = [c for c in (given if isinstance(given, list) else [given]) if isinstance(c, ProgressBar)]
+        if config.get("enable_progress_bar") is False or own:
+            callbacks = [c for c in callbacks if not isinstance(c, MetaProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
         # `--ckpt_path last` finds the newest last*.ckpt in the checkpoint folder (or starts fresh, saying so),
@@ -111,15 +133,23 @@ def _print_summary(trainer, stage: str) -> None:
         lines += _per_task_errors(task_names, module.test_results["acc"]["values"], published)
     logger = trainer.logger
     if logger is not None and getattr(logger, "log_dir", None):
-        log_dir = Path(logger.log_dir)
-        lines.append(f"TensorBoard logs: {log_dir}")
+        lines.append(f"TensorBoard logs: {os.path.abspath(logger.log_dir)}")
     checkpoint = trainer.checkpoint_callback
     if stage == "fit" and checkpoint is not None and checkpoint.dirpath:
         last = Path(checkpoint.last_model_path).name or "last.ckpt"
-        lines.append(f"Checkpoints: {checkpoint.dirpath} ({last}; best: {Path(checkpoint.best_model_path).name or 'none yet'})")
+        best = Path(checkpoint.best_model_path).name or "none yet"
+        lines.append(f"Checkpoints: {os.path.abspath(checkpoint.dirpath)} ({last}; best: {best})")
     if logger is not None and getattr(logger, "save_dir", None):
-        lines.append(f"Watch them: tensorboard --logdir {os.path.relpath(logger.save_dir)}")
+        lines.append(f"Watch them: {tensorboard_command()} --logdir {shlex.quote(os.path.abspath(logger.save_dir))}")
     print("\n".join(lines), flush=True)
+
+
+def tensorboard_command() -> str:
+    """How to start TensorBoard from this environment, whether or not it is activated: its script's full path."""
+    script = Path(sys.executable).parent / ("tensorboard.exe" if os.name == "nt" else "tensorboard")
+    if script.is_file():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m tensorboard.main"
 
 
 def _per_task_errors(names: list[str], accuracies, published: dict[str, float] | None) -> list[str]:
@@ -150,6 +180,10 @@ def main(args: list[str] | None = None) -> None:
             # Meta-SGD adapts with gradients at validation and test too.
             trainer_defaults={"inference_mode": False},
             save_config_kwargs={"overwrite": True},
+            # Whole option names only (no prefixes), unknown ones named in one line; `metasgd` in usage lines
+            # also under `python -m metasgd_lightning`.
+            parser_class=MetaSGDArgumentParser,
+            parser_kwargs={"prog": "metasgd"},
             args=args,
         )
     except CheckpointCorruptError as error:
