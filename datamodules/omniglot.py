@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -234,10 +235,19 @@ class OmniglotDataModule(EpisodicDataModule):
         """Download learn2learn's Omniglot (torchvision's ``images_background``/``images_evaluation``)."""
         l2l = import_learn2learn()
         folder = self.l2l_folder
+        # A root that does not exist yet is named first (often a typo in --data.root); if the download fails, the
+        # folders it created for it go too.
+        created = [path for path in (self.root, *self.root.parents) if not path.exists()]
+        if created:
+            print(f"{type(self).__name__}: the data folder {self.root} does not exist; downloading Omniglot (15 MB) "
+                  "into it.", file=sys.stderr, flush=True)
         artifacts = [folder / f"{name}{ext}" for name in (BACKGROUND, EVALUATION) for ext in (".zip", "")] + [folder]
+        artifacts += created[-1:]  # the outermost folder the download creates
+        missing = (f" The data folder {self.root} did not exist before this run: check `root` (--data.root) for a typo."
+                   if created else "")
         with cleanup_on_failure(f"Downloading Omniglot to {folder}", artifacts,
                                 "Check the connection and run again, or use layout='folder' with the official "
-                                "release from https://github.com/brendenlake/omniglot."):
+                                f"release from https://github.com/brendenlake/omniglot.{missing}"):
             l2l.vision.datasets.FullOmniglot(root=str(self.root), download=True)
 
     def _l2l_characters(self) -> dict[str, list[Path]]:
