@@ -29,14 +29,42 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-__all__ = ["AtomicCheckpointIO", "CheckpointCorruptError", "Preempted", "checkpoint_is_intact",
+__all__ = ["AtomicCheckpointIO", "CheckpointCorruptError", "Preempted", "checkpoint_is_intact", "foreign_format",
            "newest_intact_checkpoint", "resolve_resume_path"]
 
 _LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")  # ModelCheckpoint's last.ckpt and its versions (last-v1.ckpt)
 
 
+#: The first bytes of files that are given as checkpoints by mistake, and what they are.
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"%PDF", "a PDF document"), (b"\x1f\x8b", "a gzip archive"), (b"\x93NUMPY", "a NumPy array file"),
+          (b"<", "a text file (HTML or XML)"), (b"{", "a text file (JSON)"))
+
+
+def foreign_format(path: _PATH) -> str | None:
+    """What ``path`` is if it is plainly not a PyTorch checkpoint (e.g. ``"a PNG image"``), else None.
+
+    ``torch.save`` writes a zip archive (``PK``), or a pickle (``0x80``) in its legacy format; other files
+    are named by their first bytes where they are common, else called "not a zip archive or a pickle".
+    """
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError:
+        return None
+    if head[:2] == b"PK" or head[:1] == b"\x80" or not head:  # a checkpoint, perhaps truncated; or an empty file
+        return None
+    for magic, what in _MAGIC:
+        if head.lstrip()[: len(magic)] == magic:
+            return what
+    return "neither a zip archive nor a pickle, the formats torch.save writes"
+
+
 class CheckpointCorruptError(RuntimeError):
-    """A checkpoint file that is truncated or corrupt; the message names it and the newest intact one beside it."""
+    """A checkpoint file that is truncated or corrupt; the message names it and the newest intact one beside it.
+
+    A file that is plainly something else (an image, a text file) is called not a PyTorch checkpoint instead.
+    """
 
     def __init__(self, path: _PATH, cause: BaseException | None = None) -> None:
         path = Path(path)
@@ -44,7 +72,12 @@ class CheckpointCorruptError(RuntimeError):
         reason = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
         advice = (f"The newest intact checkpoint beside it is {self.intact}: resume with --ckpt_path {self.intact}."
                   if self.intact else f"There is no intact checkpoint beside it in {path.parent}.")
-        super().__init__(f"Checkpoint {path} is truncated or corrupt{reason}. {advice}")
+        other = foreign_format(path)
+        if other:
+            super().__init__(f"{path} is not a PyTorch checkpoint: it is {other}. Give a .ckpt file written by "
+                             f"`metasgd fit`. {advice}")
+        else:
+            super().__init__(f"Checkpoint {path} is truncated or corrupt{reason}. {advice}")
 
 
 def checkpoint_is_intact(path: _PATH) -> bool:

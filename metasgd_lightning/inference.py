@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor, nn
 
@@ -39,12 +40,14 @@ from datamodules.episodic import EpisodicDataModule
 from datamodules.images import FileImages
 from datamodules.preprocessing import ImageTransform
 
+from .checkpointing import checkpoint_is_intact, foreign_format
 from .module import MetaSGDLightningModule
 
 __all__ = [
     "Prediction",
     "adapt",
     "adapt_to_folder",
+    "checkpoint_datamodule",
     "checkpoint_transform",
     "load_images",
     "load_meta_learner",
@@ -89,9 +92,16 @@ def _read_checkpoint(path: Path, map_location: str | torch.device = "cpu", trust
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}. Give the path of a .ckpt file written by `metasgd fit` "
                                 "(by default under runs/<config name>/checkpoints/).")
+    other = foreign_format(path)
+    if other:
+        raise ValueError(f"{path} is not a PyTorch checkpoint: it is {other}. Give the path of a .ckpt file written by "
+                         "`metasgd fit` (by default under runs/<config name>/checkpoints/).")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=not trusted)
     except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
+        if not checkpoint_is_intact(path):
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint: it is truncated or corrupt "
+                             f"({str(error).splitlines()[0]}).") from error
         hint = "" if trusted else (" If it is a checkpoint of a module built in Python (its model is pickled) and you "
                                    "trust it, pass trusted=True.")
         raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {str(error).splitlines()[0]}.{hint}") from error
@@ -175,38 +185,76 @@ def checkpoint_transform(source: MetaSGDLightningModule | str | Path, split: str
         >>> checkpoint_transform("runs/omniglot_5way_1shot/checkpoints/last.ckpt")  # doctest: +SKIP
         ImageTransform(image_size=28, channels=1, invert=True, resample=LANCZOS)
     """
-    if isinstance(source, (str, Path)):
-        origin, hparams = Path(source), _read_checkpoint(Path(source)).get("datamodule_hyper_parameters")
-    else:
-        origin = getattr(source, "checkpoint_path", "This module")
-        hparams = getattr(source, "datamodule_hparams", None)
-    hparams = dict(hparams or {})
+    origin, task = _origin_and_task(source)
+    if task == "regression":
+        class_path = _recorded_datamodule(source).get("_class_path", "values")
+        raise ValueError(f"{origin} is a regression checkpoint (meta-trained on {class_path}, e.g. sine curves): it "
+                         "predicts numbers, not classes, so it cannot classify images. Give a checkpoint of an image "
+                         "classification config (e.g. configs/omniglot_5way_1shot.yaml), or adapt this one with "
+                         "adapt() on tensors.")
     fix = ("Pass the preprocessing of the model's training images as `transform`, e.g. "
            "transform=OmniglotDataModule(image_size=28).transform('test').")
+    datamodule = checkpoint_datamodule(source, EpisodicDataModule, fix)
+    return datamodule.transform(split)
+
+
+def checkpoint_datamodule(source: MetaSGDLightningModule | str | Path, base: type = LightningDataModule,
+                          fix: str = "") -> LightningDataModule:
+    """The data module a checkpoint was trained on, built again from the class and arguments it records.
+
+    Building it reads no data (call its ``setup`` for that). Only a class already imported is used (the
+    provided data modules, or one the caller imported), as Lightning itself does: a checkpoint must not
+    make us import or run arbitrary code.
+
+    Args:
+        source: a module from :func:`load_meta_learner`, or the path of its checkpoint.
+        base: the class the data module must be a subclass of.
+        fix: a sentence added to each error (what to do instead).
+
+    Raises:
+        ValueError: the checkpoint records no data module, not its class (it was not written by ``metasgd
+            fit``), a class not imported or not a ``base``, or arguments the class refuses.
+    """
+    origin = Path(source) if isinstance(source, (str, Path)) else getattr(source, "checkpoint_path", "This module")
+    hparams = _recorded_datamodule(source)
     if not hparams:
-        raise ValueError(f"{origin} records no data module, so how its training images were preprocessed is "
-                         f"unknown. {fix}")
+        raise ValueError(f"{origin} records no data module, so how its training data was prepared is unknown. {fix}")
     class_path = hparams.pop("_class_path", None)
     if class_path is None:
         raise ValueError(f"{origin} records its data module's arguments but not its class (it was not written by "
                          f"`metasgd fit`). {fix}")
-    # Only a class already imported (the provided data modules, or one the caller imported), as Lightning
-    # itself does: a checkpoint must not make us import or run arbitrary code.
     module_name, _, class_name = str(class_path).rpartition(".")
     cls = getattr(sys.modules.get(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, EpisodicDataModule)):
-        raise ValueError(f"{origin} was trained on {class_path}, which is not an imported image data module (a "
-                         f"subclass of datamodules.EpisodicDataModule). If it is your own, import its module first. "
-                         f"{fix}")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        what = "image data module" if base is EpisodicDataModule else "data module"
+        raise ValueError(f"{origin} was trained on {class_path}, which is not an imported {what} (a subclass of "
+                         f"{base.__module__.split('.')[0]}.{base.__name__}). If it is your own, import its module "
+                         f"first. {fix}")
     parameters = inspect.signature(cls).parameters
     any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     arguments = {k: v for k, v in hparams.items() if not k.startswith("_") and (any_keyword or k in parameters)}
     try:
-        datamodule = cls(**arguments)
+        return cls(**arguments)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{origin}: its data module {class_path} cannot be rebuilt from the recorded arguments "
                          f"({error}). {fix}") from error
-    return datamodule.transform(split)
+
+
+def _recorded_datamodule(source: MetaSGDLightningModule | str | Path) -> dict:
+    """A copy of the data module settings a checkpoint records (``_class_path`` included), or {}."""
+    if isinstance(source, (str, Path)):
+        hparams = _read_checkpoint(Path(source)).get("datamodule_hyper_parameters")
+    else:
+        hparams = getattr(source, "datamodule_hparams", None)
+    return dict(hparams or {})
+
+
+def _origin_and_task(source: MetaSGDLightningModule | str | Path) -> tuple[object, str | None]:
+    """How to name a checkpoint in messages, and the task its module recorded (None if unknown)."""
+    if isinstance(source, (str, Path)):
+        hparams = _read_checkpoint(Path(source)).get("hyper_parameters") or {}
+        return Path(source), hparams.get("task") if isinstance(hparams, dict) else None
+    return getattr(source, "checkpoint_path", "This module"), getattr(source, "task", None)
 
 
 def load_support_folder(folder: str | Path, transform: Transform) -> tuple[Tensor, Tensor, list[str]]:
@@ -321,8 +369,10 @@ def adapt_to_folder(module: MetaSGDLightningModule | str | Path, folder: str | P
     if isinstance(module, (str, Path)):
         module = load_meta_learner(module)
     if module.task != "classification":
-        raise ValueError(f"adapt_to_folder needs a classification model; this one was meta-trained for "
-                         f"{module.task}. Use adapt() with tensors.")
+        origin = getattr(module, "checkpoint_path", "This module")
+        raise ValueError(f"{origin} is a {module.task} checkpoint: adapt_to_folder needs a classification model; this "
+                         f"one was meta-trained for {module.task} (it predicts numbers, not classes). Use adapt() with "
+                         "tensors.")
     if transform is None:
         transform = checkpoint_transform(module)
     x, y, class_names = load_support_folder(folder, transform)

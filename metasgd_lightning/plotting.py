@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpointing import foreign_format
+
 __all__ = ["plot_learned_rates", "main"]
 
 
@@ -37,6 +39,9 @@ def plot_learned_rates(checkpoint_path: str | Path, out: str | Path, bins: int =
     path = Path(checkpoint_path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}.")
+    other = foreign_format(path)
+    if other:
+        raise ValueError(f"{path} is not a PyTorch checkpoint: it is {other}. Give a .ckpt file written by `metasgd fit`.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file

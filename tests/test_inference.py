@@ -70,7 +70,7 @@ def test_bad_checkpoints_are_named(python_checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint at"):
         load_meta_learner(tmp_path / "missing.ckpt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="could not be read as a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint: it is neither a zip archive nor a pickle"):
         load_meta_learner(tmp_path / "notes.txt")
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="not a checkpoint of MetaSGDLightningModule"):
