@@ -30,15 +30,25 @@ class SineTasks(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        g = task_generator(self.seed, self.split, index)
-        a_low, a_high = self.amplitude
-        p_low, p_high = self.phase
+        g, amplitude, phase = self._draw(index)
         x_low, x_high = self.x_range
-        amplitude = a_low + (a_high - a_low) * torch.rand((), generator=g)
-        phase = p_low + (p_high - p_low) * torch.rand((), generator=g)
         x = x_low + (x_high - x_low) * torch.rand(self.shots + self.queries, 1, generator=g)
         y = amplitude * torch.sin(x - phase)
         return x[: self.shots], y[: self.shots], x[self.shots :], y[self.shots :]
+
+    def curve(self, index: int) -> tuple[float, float]:
+        """``(A, φ)`` of task ``index``: its true curve is ``A sin(x - φ)``."""
+        _, amplitude, phase = self._draw(index)
+        return float(amplitude), float(phase)
+
+    def _draw(self, index: int) -> tuple[torch.Generator, Tensor, Tensor]:
+        """Task ``index``'s generator, amplitude and phase; the generator then draws its inputs."""
+        g = task_generator(self.seed, self.split, index)
+        a_low, a_high = self.amplitude
+        p_low, p_high = self.phase
+        amplitude = a_low + (a_high - a_low) * torch.rand((), generator=g)
+        phase = p_low + (p_high - p_low) * torch.rand((), generator=g)
+        return g, amplitude, phase
 
 
 class SineDataModule(TaskLoaders, L.LightningDataModule):

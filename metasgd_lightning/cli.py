@@ -5,10 +5,14 @@
     metasgd fit --config configs/reptile_sine.yaml                    # Reptile: the config names its module class
     metasgd test --config configs/sine_5shot.yaml --ckpt_path runs/sine_5shot/checkpoints/last.ckpt
     metasgd plot-lrs runs/sine_5shot/checkpoints/last.ckpt --out lrs.png
+    metasgd plot-sine runs/sine_5shot/checkpoints/last.ckpt --out sine.png
+    metasgd plot-tasks runs/omniglot_5way_1shot/checkpoints/last.ckpt --out tasks.png
+    metasgd adapt runs/omniglot_5way_1shot/checkpoints/last.ckpt --support support/ --queries queries/
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shlex
 import sys
@@ -164,13 +168,25 @@ def _per_task_errors(names: list[str], accuracies, published: dict[str, float] |
     return lines
 
 
+#: The commands that use a checkpoint without a Trainer: name -> (module, function of argv).
+COMMANDS = {
+    "adapt": (".adapt_command", "main"),  # classify your own images
+    "plot-lrs": (".plotting", "main"),  # the learned rates α
+    "plot-sine": (".task_plots", "main_sine"),  # adaptation on sine test tasks
+    "plot-tasks": (".task_plots", "main_tasks"),  # one image test task, support, queries and predictions
+}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``metasgd`` console script and ``python -m metasgd_lightning``."""
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["plot-lrs"]:  # not a Trainer command: draw the learned rates of a checkpoint
-        from .plotting import main as plot_lrs
-
-        return plot_lrs(argv[1:])
+    if argv[:1] and argv[0] in COMMANDS:  # not a Trainer command: use a checkpoint
+        module_name, function = COMMANDS[argv[0]]
+        run = getattr(importlib.import_module(module_name, __package__), function)
+        code = run(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return None
     silence_lightning_noise()
     try:
         MetaSGDCLI(

@@ -1,0 +1,192 @@
+"""Pictures of adaptation on test tasks: ``metasgd plot-sine`` and ``metasgd plot-tasks``.
+
+- :func:`plot_sine`: the figure of the MAML and Meta-SGD papers. For a few test tasks of a sine
+  checkpoint: the true curve, the K support points, and the prediction of θ before adaptation, after
+  one inner step and after ``eval_inner_steps`` steps.
+- :func:`plot_tasks`: one test task of an image checkpoint: its support images by class, its query
+  images, and the adapted model's prediction for each (green: correct, red: wrong).
+
+The tasks are those of the checkpoint's own data module (rebuilt from the settings it records), so an
+image checkpoint needs its data where it was trained (``--data-root`` points elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .inference import adapt, checkpoint_datamodule, load_meta_learner
+
+__all__ = ["main_sine", "main_tasks", "plot_sine", "plot_tasks"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path, dpi: int) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_sine(checkpoint_path: str | Path, out: str | Path, tasks: int = 4, steps: int | None = None,
+              first_task: int = 0, dpi: int = 100) -> Path:
+    """Draw the adaptation of a sine (regression) checkpoint on ``tasks`` test tasks, one panel each.
+
+    Args:
+        checkpoint_path: a checkpoint of a sine config (e.g. ``configs/sine_5shot.yaml``).
+        out: the PNG to write (4 columns of 4 x 3 inches at ``dpi``).
+        tasks: how many test tasks to draw.
+        steps: the inner steps of the last curve (default: the checkpoint's ``eval_inner_steps``).
+        first_task: the index of the first test task drawn.
+        dpi: resolution of the image.
+
+    Raises:
+        FileNotFoundError: no file at ``checkpoint_path``.
+        ValueError: not a checkpoint, a classification checkpoint, or one without a sine data module.
+    """
+    module = load_meta_learner(checkpoint_path)
+    if module.task != "regression":
+        raise ValueError(f"{checkpoint_path} is a classification checkpoint: plot-sine draws regression (sine) "
+                         "checkpoints; use plot-tasks for images.")
+    datamodule = checkpoint_datamodule(module)
+    if not hasattr(datamodule, "ranges"):
+        raise ValueError(f"{checkpoint_path} was not trained on sine tasks ({type(datamodule).__name__}).")
+    steps = module.eval_inner_steps if steps is None else steps
+    task_set = datamodule.tasks("test", first_task + tasks)
+    low, high = datamodule.ranges["x_range"]
+    grid = torch.linspace(low, high, 200).unsqueeze(-1)
+
+    plt = _pyplot()
+    cols = min(4, tasks)
+    rows = math.ceil(tasks / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, index in zip(axes.flat, range(first_task, first_task + tasks)):
+        support_x, support_y, _, _ = task_set[index]
+        amplitude, phase = task_set.curve(index)
+        with torch.no_grad():
+            before = module.model(grid)
+        ax.plot(grid, amplitude * torch.sin(grid - phase), color="black", linewidth=1.5, label="true sine")
+        ax.plot(grid, before, color="#999999", linestyle=":", label="θ (before adaptation)")
+        curves = [(1, "#3b75af", "--")] + ([(steps, "#d62728", "-")] if steps != 1 else [])
+        for k, color, style in curves:
+            adapted = adapt(module, support_x, support_y, steps=k)
+            with torch.no_grad():
+                ax.plot(grid, adapted(grid), color=color, linestyle=style, label=f"after {k} step{'s' * (k != 1)}")
+        ax.scatter(support_x, support_y, color="black", marker="^", s=30, zorder=3, label=f"{len(support_x)} support points")
+        ax.set_title(f"test task {index}: A={amplitude:.2f}, φ={phase:.2f}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[tasks:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{type(module).__name__}: adaptation on sine test tasks ({Path(checkpoint_path).name})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, dpi)
+
+
+def plot_tasks(checkpoint_path: str | Path, out: str | Path, task: int = 0, data_root: str | Path | None = None,
+               steps: int | None = None, dpi: int = 100) -> Path:
+    """Draw one test task of an image checkpoint: support images, query images and the adapted predictions.
+
+    Args:
+        checkpoint_path: a checkpoint of an image classification config.
+        out: the PNG to write (a row of support images, rows of queries; 1.2 x 1.35 inches per image at ``dpi``,
+            4.8 inches wide at least).
+        task: the index of the test task.
+        data_root: the data folder, if not where the checkpoint's data module read it (``root``).
+        steps: inner steps (default: the checkpoint's ``eval_inner_steps``).
+        dpi: resolution of the image.
+
+    Raises:
+        FileNotFoundError: no file at ``checkpoint_path``.
+        ValueError: not a checkpoint, a regression checkpoint, or one whose data module cannot be rebuilt.
+    """
+    from datamodules.episodic import EpisodicDataModule
+
+    module = load_meta_learner(checkpoint_path)
+    if module.task != "classification":
+        raise ValueError(f"{checkpoint_path} is a regression checkpoint (e.g. sine curves): plot-tasks draws image "
+                         "classification checkpoints; use plot-sine for it.")
+    if data_root is not None:
+        module.datamodule_hparams = {**module.datamodule_hparams, "root": str(data_root)}
+    datamodule = checkpoint_datamodule(module, EpisodicDataModule)
+    datamodule.setup("test")
+    support_x, support_y, query_x, query_y = datamodule.tasks("test", task + 1)[task]
+    adapted = adapt(module, support_x, support_y, steps)
+    with torch.no_grad():
+        predicted = adapted(query_x).argmax(-1)
+
+    plt = _pyplot()
+    cols = max(len(support_x), min(len(query_x), 10))
+    query_rows = math.ceil(len(query_x) / cols)
+    size = (max(1.2 * cols, 4.8), 1.35 * (1 + query_rows) + 0.4)  # room for the two lines of the title
+    fig, axes = plt.subplots(1 + query_rows, cols, figsize=size, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, label in zip(axes[0], support_x, support_y.tolist()):
+        ax.imshow(_displayable(image), cmap="gray")
+        ax.set_title(f"support {label}", fontsize=7)
+    for i, (image, truth, guess) in enumerate(zip(query_x, query_y.tolist(), predicted.tolist())):
+        ax = axes[1 + i // cols][i % cols]
+        ax.imshow(_displayable(image), cmap="gray")
+        color = "#2ca02c" if guess == truth else "#d62728"
+        ax.set_title(f"{guess} {'✓' if guess == truth else f'✗ ({truth})'}", fontsize=7, color=color)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_color(color)
+            spine.set_linewidth(2)
+    accuracy = float((predicted == query_y).float().mean())
+    fig.suptitle(f"Test task {task}: {accuracy:.0%} of the queries right\ntop: support; below: predictions "
+                 "(true class if wrong)", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, dpi)
+
+
+def _displayable(image: Tensor) -> Tensor:
+    """A ``[C, H, W]`` model input as an ``[H, W]`` or ``[H, W, 3]`` image in [0, 1] (its own min and max)."""
+    image = image.detach().float()
+    image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-8)
+    return image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+
+
+def main_sine(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="metasgd plot-sine", description=plot_sine.__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    parser.add_argument("checkpoint", help="a checkpoint of a sine config, written by `metasgd fit`")
+    parser.add_argument("--out", default="sine.png", help="the image to write (default: sine.png)")
+    parser.add_argument("--tasks", type=int, default=4, help="test tasks to draw (default: 4)")
+    parser.add_argument("--steps", type=int, default=None, help="inner steps of the last curve (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    try:
+        print(f"Wrote {plot_sine(args.checkpoint, args.out, tasks=args.tasks, steps=args.steps)}")
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"metasgd plot-sine: {error}") from None
+
+
+def main_tasks(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="metasgd plot-tasks", description=plot_tasks.__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    parser.add_argument("checkpoint", help="a checkpoint of an image classification config, written by `metasgd fit`")
+    parser.add_argument("--out", default="tasks.png", help="the image to write (default: tasks.png)")
+    parser.add_argument("--task", type=int, default=0, help="index of the test task (default: 0)")
+    parser.add_argument("--data-root", default=None, help="the data folder, if not the one the checkpoint records")
+    parser.add_argument("--steps", type=int, default=None, help="inner steps (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    try:
+        print(f"Wrote {plot_tasks(args.checkpoint, args.out, task=args.task, data_root=args.data_root, steps=args.steps)}")
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"metasgd plot-tasks: {error}") from None
