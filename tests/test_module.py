@@ -1,5 +1,7 @@
 """The Lightning recipe: manual optimisation, evaluation with gradients, checkpoints, divergence, bad input."""
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
@@ -57,7 +59,7 @@ def test_a_backward_per_chunk_of_tasks_gives_the_same_meta_gradient(tmp_path):
 
 def test_lr_meta_lr_gives_alpha_its_own_meta_learning_rate(tmp_path):
     torch.manual_seed(0)
-    module = _sine_module(lr_meta_lr=0.05, optimizer=lambda params: torch.optim.Adam(params, lr=1e-4))
+    module = _sine_module(lr_meta_lr=0.05, optimizer=partial(torch.optim.Adam, lr=1e-4))
     before = {k: v.clone() for k, v in module.meta_learner.state_dict().items()}
     _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, _sine_data())
     groups = module.optimizers().optimizer.param_groups
@@ -120,6 +122,9 @@ class _NaNSineData(SineDataModule):
             yield sx, sy, qx, qy
 
 
+# Lightning warns that with manual optimisation a step's checkpoint holds the weights after that step: what
+# resuming needs, and what this test checks.
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization:UserWarning")
 @pytest.mark.parametrize("tasks_per_backward", [None, 1])
 def test_nan_in_the_inner_loop_stops_training_and_keeps_the_last_checkpoint(tmp_path, tasks_per_backward):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
@@ -187,6 +192,8 @@ class _Once:
         ((torch.zeros(4, 5, 1), torch.zeros(4, 5, 1, dtype=torch.long), torch.zeros(4, 10, 1), torch.zeros(4, 10, 1)), "floating-point targets"),
     ],
 )
+# Training batches only: each fails in the first training step, before any validation.
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_bad_batches_are_named(tmp_path, batch, message):
     module = _sine_module()
     trainer = _trainer(tmp_path, max_steps=1)
