@@ -33,6 +33,7 @@ from .callbacks import LearnedRateMonitor, MetaSGDCheckpoint
 from .checkpointing import AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, resolve_resume_path
 from .module import MetaLearningModule, MetaSGDLightningModule
 from .progress import MetaProgressBar
+from .tensorboard_views import TensorBoardViews
 
 __all__ = ["MetaSGDCLI", "main"]
 
@@ -60,6 +61,7 @@ class MetaSGDCLI(LightningCLI):
         parser.add_lightning_class_args(MetaSGDCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LearnedRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(MetaProgressBar, "progress")
+        parser.add_lightning_class_args(TensorBoardViews, "tensorboard")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the model's settings from a given checkpoint first: refuse a broken one by name.

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .inference import adapt, checkpoint_datamodule, load_meta_learner
 
-__all__ = ["main_sine", "main_tasks", "plot_sine", "plot_tasks"]
+__all__ = ["main_sine", "main_tasks", "plot_sine", "plot_tasks", "sine_figure", "task_figure"]
 
 
 def _pyplot():
@@ -64,35 +64,9 @@ def plot_sine(checkpoint_path: str | Path, out: str | Path, tasks: int = 4, step
     datamodule = checkpoint_datamodule(module)
     if not hasattr(datamodule, "ranges"):
         raise ValueError(f"{checkpoint_path} was not trained on sine tasks ({type(datamodule).__name__}).")
-    steps = module.eval_inner_steps if steps is None else steps
     task_set = datamodule.tasks("test", first_task + tasks)
-    low, high = datamodule.ranges["x_range"]
-    grid = torch.linspace(low, high, 200).unsqueeze(-1)
-
-    plt = _pyplot()
-    cols = min(4, tasks)
-    rows = math.ceil(tasks / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, index in zip(axes.flat, range(first_task, first_task + tasks)):
-        support_x, support_y, _, _ = task_set[index]
-        amplitude, phase = task_set.curve(index)
-        with torch.no_grad():
-            before = module.model(grid)
-        ax.plot(grid, amplitude * torch.sin(grid - phase), color="black", linewidth=1.5, label="true sine")
-        ax.plot(grid, before, color="#999999", linestyle=":", label="θ (before adaptation)")
-        curves = [(1, "#3b75af", "--")] + ([(steps, "#d62728", "-")] if steps != 1 else [])
-        for k, color, style in curves:
-            adapted = adapt(module, support_x, support_y, steps=k)
-            with torch.no_grad():
-                ax.plot(grid, adapted(grid), color=color, linestyle=style, label=f"after {k} step{'s' * (k != 1)}")
-        ax.scatter(support_x, support_y, color="black", marker="^", s=30, zorder=3, label=f"{len(support_x)} support points")
-        ax.set_title(f"test task {index}: A={amplitude:.2f}, φ={phase:.2f}", fontsize=9)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[tasks:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{type(module).__name__}: adaptation on sine test tasks ({Path(checkpoint_path).name})", fontsize=10)
-    fig.tight_layout()
+    title = f"{type(module).__name__}: adaptation on sine test tasks ({Path(checkpoint_path).name})"
+    fig = sine_figure(module, task_set, range(first_task, first_task + tasks), datamodule.ranges["x_range"], steps, title)
     return _save(fig, out, dpi)
 
 
@@ -124,9 +98,50 @@ def plot_tasks(checkpoint_path: str | Path, out: str | Path, task: int = 0, data
     datamodule = checkpoint_datamodule(module, EpisodicDataModule)
     datamodule.setup("test")
     support_x, support_y, query_x, query_y = datamodule.tasks("test", task + 1)[task]
+    fig = task_figure(module, (support_x, support_y, query_x, query_y), f"Test task {task}", steps)
+    return _save(fig, out, dpi)
+
+
+def sine_figure(module, task_set, indices, x_range: tuple[float, float], steps: int | None = None, title: str = ""):
+    """The figure of :func:`plot_sine` for tasks ``indices`` of a :class:`~datamodules.sine.SineTasks` set."""
+    steps = module.eval_inner_steps if steps is None else steps
+    indices = list(indices)
+    low, high = x_range
+    grid = torch.linspace(low, high, 200).unsqueeze(-1)
+    on_device = grid.to(next(module.parameters()).device)
+    plt = _pyplot()
+    cols = min(4, len(indices))
+    rows = math.ceil(len(indices) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, index in zip(axes.flat, indices):
+        support_x, support_y, _, _ = task_set[index]
+        amplitude, phase = task_set.curve(index)
+        with torch.no_grad():
+            before = module.model(on_device).cpu()
+        ax.plot(grid, amplitude * torch.sin(grid - phase), color="black", linewidth=1.5, label="true sine")
+        ax.plot(grid, before, color="#999999", linestyle=":", label="θ (before adaptation)")
+        curves = [(1, "#3b75af", "--")] + ([(steps, "#d62728", "-")] if steps != 1 else [])
+        for k, color, style in curves:
+            adapted = adapt(module, support_x, support_y, steps=k)
+            with torch.no_grad():
+                ax.plot(grid, adapted(on_device).cpu(), color=color, linestyle=style, label=f"after {k} step{'s' * (k != 1)}")
+        ax.scatter(support_x, support_y, color="black", marker="^", s=30, zorder=3, label=f"{len(support_x)} support points")
+        ax.set_title(f"{task_set.split} task {index}: A={amplitude:.2f}, φ={phase:.2f}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(indices):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def task_figure(module, task: tuple[Tensor, Tensor, Tensor, Tensor], title: str, steps: int | None = None):
+    """The figure of :func:`plot_tasks` for one task ``(support_x, support_y, query_x, query_y)``."""
+    support_x, support_y, query_x, query_y = (t.cpu() for t in task)
     adapted = adapt(module, support_x, support_y, steps)
     with torch.no_grad():
-        predicted = adapted(query_x).argmax(-1)
+        predicted = adapted(query_x.to(next(module.parameters()).device)).argmax(-1).cpu()
 
     plt = _pyplot()
     cols = max(len(support_x), min(len(query_x), 10))
@@ -150,10 +165,10 @@ def plot_tasks(checkpoint_path: str | Path, out: str | Path, task: int = 0, data
             spine.set_color(color)
             spine.set_linewidth(2)
     accuracy = float((predicted == query_y).float().mean())
-    fig.suptitle(f"Test task {task}: {accuracy:.0%} of the queries right\ntop: support; below: predictions "
+    fig.suptitle(f"{title}: {accuracy:.0%} of the queries right\ntop: support; below: predictions "
                  "(true class if wrong)", fontsize=8)
     fig.tight_layout()
-    return _save(fig, out, dpi)
+    return fig
 
 
 def _displayable(image: Tensor) -> Tensor:
