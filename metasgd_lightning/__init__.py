@@ -5,8 +5,11 @@
 - :class:`Reptile` (``reptile.py``) and :class:`ReptileLightningModule` (``module.py``): Reptile (Nichol et
   al., 2018), the first-order method that moves θ towards each task's trained weights, on the same recipe.
 - :mod:`metasgd_lightning.models`: the networks of the papers; ``metrics.py``: :class:`TaskMeanCI`.
-- ``callbacks.py``: the checkpoint and α-monitor callbacks; ``cli.py``: the ``metasgd`` command;
-  ``plotting.py``: ``metasgd plot-lrs``; ``inference.py``: use a checkpoint on a new task.
+- ``callbacks.py``: the checkpoint and α-monitor callbacks; ``progress.py``: the progress bar (lines when not
+  a terminal); ``tensorboard_views.py``: the validation band and figures in TensorBoard.
+- ``cli.py``: the ``metasgd`` command (``_parser.py``: its parser); ``plotting.py``: ``metasgd plot-lrs``;
+  ``task_plots.py``: ``metasgd plot-sine`` and ``plot-tasks``; ``inference.py``: use a checkpoint on a new
+  task; ``adapt_command.py``: ``metasgd adapt``.
 
 The data modules are the separate package :mod:`datamodules`, which this one imports (never the other way).
 """

@@ -48,6 +48,7 @@ class MetaProgressBar(TQDMProgressBar):
         self._window = (time.monotonic(), 0)  # (start, tasks since)
         self._last_line = (time.monotonic(), 0)  # (time, step) of the last line printed
         self._eval_start = self._eval_last = time.monotonic()
+        self._train_start, self._eval_seconds, self._tasks_total = time.monotonic(), 0.0, 0  # for the closing line
 
     @property
     def lines(self) -> bool:
@@ -92,6 +93,7 @@ class MetaProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
         self._window, self._last_line = (time.monotonic(), 0), (time.monotonic(), trainer.global_step)
+        self._train_start, self._eval_seconds, self._tasks_total = time.monotonic(), 0.0, 0
         if self.lines and self.is_enabled:
             total = self._total_steps(trainer)
             of = f" of {total}" if total else ""
@@ -115,12 +117,16 @@ class MetaProgressBar(TQDMProgressBar):
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
         if self.lines and self.is_enabled:
-            self._print(f"training ended at step {trainer.global_step}")
+            seconds = time.monotonic() - self._train_start - self._eval_seconds
+            rate = f", {self._tasks_total / seconds:.1f} tasks/s" if seconds > 0 and self._tasks_total else ""
+            self._print(f"training ended at step {trainer.global_step}: {self._tasks_total} tasks in "
+                        f"{_duration(seconds)} of training{rate}")
 
     def _count(self, trainer, batch: Any) -> None:
         """Add the batch's tasks to the window; every second or more, turn the window into tasks per second."""
         start, tasks = self._window
         tasks += _tasks_in(batch) * trainer.world_size
+        self._tasks_total += _tasks_in(batch) * trainer.world_size
         elapsed = time.monotonic() - start
         if elapsed >= 1.0:
             self._rate, self._window = tasks / elapsed, (time.monotonic(), 0)
@@ -163,6 +169,8 @@ class MetaProgressBar(TQDMProgressBar):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
+        if trainer.training or trainer.state.fn == "fit":
+            self._eval_seconds += time.monotonic() - self._eval_start  # validation time is not training time
         if self.lines and self.is_enabled and not trainer.sanity_checking:
             self._print(self._eval_line(trainer, "validation", "val/"))
         self._window = (time.monotonic(), 0)  # validation time is not training time
@@ -229,6 +237,8 @@ def _number(value: Any) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"

@@ -62,6 +62,7 @@ def test_piped_output_is_one_line_now_and_then(tmp_path):
     assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"], out
     assert all("train/mse" in line and "tasks/s" in line and "ETA" in line for line in lines), lines
     assert "validation at step 3 done" in out and "validation at step 6 done" in out and "val/mse" in out
+    assert "training ended at step 6: 24 tasks in " in out and "tasks/s" in out.split("training ended")[1]
 
 
 def test_enable_progress_bar_false_still_switches_it_off(tmp_path):
@@ -85,4 +86,4 @@ def test_line_mode_follows_the_output_unless_told():
         MetaProgressBar(line_every_n_steps=0)
     with pytest.raises(ValueError, match="line_every_seconds"):
         MetaProgressBar(line_every_seconds=0)
-    assert [_duration(s) for s in (5, 125, 7300)] == ["5s", "2m05s", "2h01m"]
+    assert [_duration(s) for s in (0.25, 42, 125, 7300)] == ["0.2s", "42s", "2m05s", "2h01m"]
