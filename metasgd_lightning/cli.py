@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 import datamodules  # noqa: F401  (registers the data modules for `--data`)
+from datamodules.downloads import DownloadError
 
 from ._module_class import names_module_class
 from ._parser import MetaSGDArgumentParser
@@ -204,7 +205,7 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"prog": "metasgd"},
             args=args,
         )
-    except CheckpointCorruptError as error:
+    except (CheckpointCorruptError, DownloadError) as error:  # named and explained: no traceback
         raise SystemExit(f"metasgd: {error}") from None
 
 

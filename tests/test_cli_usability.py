@@ -75,3 +75,21 @@ def test_checkpoint_dirpath_still_wins_over_default_root_dir(tmp_path):
             "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
             "--checkpoint.dirpath", str(tmp_path / "elsewhere"), cwd=tmp_path)
     assert (tmp_path / "elsewhere" / "last.ckpt").is_file() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_failed_download_into_a_missing_root_ends_in_one_message(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.omniglot as tv_omniglot
+
+    def offline(url, download_root, filename=None, md5=None, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(tv_omniglot, "download_and_extract_archive", offline)
+    root = tmp_path / "dta" / "omniglot"  # a typo of data/omniglot; the config downloads
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(REPO / "configs/omniglot_5way_1shot.yaml"), "--data.root", str(root),
+              "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "run")])
+    message = str(exit_.value.code)
+    assert message.startswith("metasgd: Downloading Omniglot") and "network unreachable" in message
+    assert f"The data folder {root} did not exist before this run" in message
+    assert f"the data folder {root} does not exist" in capsys.readouterr().err  # said before the download
+    assert not (tmp_path / "dta").exists()
