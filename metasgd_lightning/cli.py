@@ -21,6 +21,8 @@ from pathlib import Path
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -34,7 +36,7 @@ from .callbacks import LearnedRateMonitor, MetaSGDCheckpoint
 from .checkpointing import AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, resolve_resume_path
 from .module import MetaLearningModule, MetaSGDLightningModule
 from .progress import MetaProgressBar
-from .tensorboard_views import TensorBoardViews
+from .tensorboard_views import MetaTensorBoardLogger, TensorBoardViews
 
 __all__ = ["MetaSGDCLI", "main"]
 
@@ -87,7 +89,11 @@ class MetaSGDCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(**kwargs, plugins=plugins)
+        trainer = super().instantiate_trainer(**kwargs, plugins=plugins)
+        if (config.get("trainer") or {}).get("logger") in (None, True) and type(trainer.logger) is TensorBoardLogger:
+            # Lightning's default logger, without the scalars that would come first on TensorBoard's scalars page.
+            trainer.logger = MetaTensorBoardLogger(save_dir=trainer.default_root_dir, version=SLURMEnvironment.job_id())
+        return trainer
 
     def _instantiate_trainer(self, config, callbacks):
         # The progress bar of `--progress.*` gives way to `enable_progress_bar: false` and to a progress bar

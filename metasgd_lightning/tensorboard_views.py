@@ -6,9 +6,16 @@ band (a margin chart of ``val/<metric>``, ``val/<metric>_lower`` and ``val/<metr
 a figure of adaptation on a few validation tasks at each validation (the "Images" tab): for sine tasks
 the curves of :func:`~metasgd_lightning.task_plots.plot_sine`, for images one task of
 :func:`~metasgd_lightning.task_plots.plot_tasks`.
+
+:class:`MetaTensorBoardLogger` (the ``metasgd`` command's default logger) keeps two of Lightning's scalars
+off the scalars page, where they would come first: the ``epoch`` counter beside every logged step, and
+the placeholder ``hp_metric = -1`` at step 0 (the HParams view still lists ``hp_metric``, which the module
+logs at each validation).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -17,7 +24,31 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from .metasgd import check_positive_int
 
-__all__ = ["TensorBoardViews"]
+__all__ = ["MetaTensorBoardLogger", "TensorBoardViews"]
+
+
+class MetaTensorBoardLogger(TensorBoardLogger):
+    """``TensorBoardLogger`` without the ``epoch`` scalar and without the placeholder ``hp_metric`` of -1.
+
+    The hyperparameters are still written with ``hp_metric`` as their metric (``default_hp_metric``), so
+    TensorBoard's HParams view shows the value the module logs at each validation.
+    """
+
+    _placeholder = False
+
+    def log_hyperparams(self, params: Any, metrics: dict[str, Any] | None = None) -> None:
+        self._placeholder = metrics is None and self._default_hp_metric
+        try:
+            super().log_hyperparams(params, metrics)
+        finally:
+            self._placeholder = False
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._placeholder:  # Lightning's hp_metric = -1, logged only to name the metric
+            return
+        metrics = {name: value for name, value in metrics.items() if name != "epoch"}
+        if metrics:
+            super().log_metrics(metrics, step)
 
 
 class TensorBoardViews(Callback):

@@ -2,6 +2,7 @@
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from conftest import REPO, run_cli
@@ -33,6 +34,17 @@ def test_the_validation_band_and_figures_are_logged(tmp_path):
     images = events.Images("adaptation/validation tasks")
     assert [i.step for i in images] == [e.step for e in mean]
     assert (images[0].width, images[0].height) == (1600, 300)  # 4 sine tasks
+
+
+def test_the_scalars_page_opens_on_the_curves_and_hparams_keep_hp_metric(tmp_path):
+    events = _fit(tmp_path)
+    scalars = events.Tags()["scalars"]
+    assert "epoch" not in scalars and sorted(scalars)[0] == "hp_metric"  # then lr/, train/, val/
+    assert [e.step for e in events.Scalars("hp_metric")] == [e.step for e in events.Scalars("val/mse")]  # no -1 at 0
+    tags = set()
+    for path in (tmp_path / "run" / "lightning_logs" / "version_0").glob("events.out.tfevents.*"):
+        tags |= {value.tag for event in EventFileLoader(str(path)).Load() for value in event.summary.value}
+    assert "_hparams_/experiment" in tags  # the HParams view is still written
 
 
 def test_figures_can_be_switched_off(tmp_path):
