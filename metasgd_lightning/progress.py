@@ -5,8 +5,13 @@ tasks per second. When the output is not a terminal (CI, a log file, a SLURM job
 place fills the log with carriage returns, so it prints one plain line every ``line_every_n_steps``
 steps or ``line_every_seconds`` seconds instead::
 
-    step 120/2000 (6%) epoch 1/10 | train/mse 0.531 | 95.3 tasks/s | ETA 3m20s
-    validation at step 200: 24/24 batches, 3.1 s | val/mse 0.412
+    training from step 0 of 2000
+    step 120/2000 (6%) epoch 1/10 | train/mse 0.531 | 95.3 tasks/s | ETA 8m13s
+    validation at step 200: batch 12/24, 30 s
+    validation at step 200 done in 58s | val/mse 0.412
+    training ended at step 2000: 50000 tasks in 8m45s of training, 95.2 tasks/s
+
+(``epoch 1/10`` when training ends by ``max_epochs``; with ``max_steps``, the epoch alone.)
 """
 
 from __future__ import annotations
@@ -174,7 +179,6 @@ class MetaProgressBar(TQDMProgressBar):
         if self.lines and self.is_enabled and not trainer.sanity_checking:
             self._print(self._eval_line(trainer, "validation", "val/"))
         self._window = (time.monotonic(), 0)  # validation time is not training time
-        self._last_line = (time.monotonic(), trainer.global_step)
 
     def on_test_start(self, trainer, pl_module) -> None:
         super().on_test_start(trainer, pl_module)
