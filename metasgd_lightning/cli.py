@@ -208,7 +208,8 @@ def main(args: list[str] | None = None) -> None:
             # Whole option names only (no prefixes), unknown ones named in one line; `metasgd` in usage lines
             # also under `python -m metasgd_lightning`.
             parser_class=MetaSGDArgumentParser,
-            parser_kwargs={"prog": "metasgd"},
+            parser_kwargs={"prog": "metasgd", "description": "Meta-SGD, MAML and Reptile with PyTorch Lightning.",
+                           "epilog": "Commands on a checkpoint, each with --help: " + ", ".join(COMMANDS) + "."},
             args=args,
         )
     except (CheckpointCorruptError, DownloadError) as error:  # named and explained: no traceback

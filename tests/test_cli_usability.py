@@ -1,6 +1,7 @@
 """What a first-time user of ``metasgd`` meets: misspelt options refused by name, run folders that follow
 ``--trainer.default_root_dir``, absolute paths in the summary, and the command's own name in its usage."""
 
+import re
 import shlex
 
 import pytest
@@ -49,6 +50,10 @@ def test_other_errors_keep_jsonargparse_message(capsys):
 def test_python_dash_m_calls_itself_metasgd(tmp_path):
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.stdout.startswith("usage: metasgd ") and "__main__.py" not in proc.stdout
+    unwrapped = " ".join(re.sub(r"-\n\s*", "-", proc.stdout).split())  # argparse wraps the epilog, at hyphens too
+    assert "Commands on a checkpoint, each with --help: adapt, plot-lrs, plot-sine, plot-tasks." in unwrapped
+    for command in ("adapt", "plot-lrs", "plot-sine", "plot-tasks"):
+        assert run_cli(command, "--help", cwd=tmp_path).stdout.startswith(f"usage: metasgd {command} ")
 
 
 def test_default_root_dir_holds_logs_and_checkpoints_and_last_resumes_from_there(tmp_path):
