@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from metasgd_lightning import InnerLoopDivergedError  # noqa: E402
-from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
+from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
 
 TRAINER_ARGS = dict(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False)

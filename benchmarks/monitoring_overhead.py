@@ -6,7 +6,7 @@ each alike, and compares the median wall time per training step:
 * ``off``: no logger, no learned-rate monitor (the baseline);
 * ``tensorboard``: a TensorBoard logger (Lightning's scalars every ``log_every_n_steps``);
 * ``tensorboard + α monitor``: as the ``metasgd`` CLI runs by default: also
-  :class:`~metasgd_lightning.callbacks.LearnedRateMonitor` every 100 steps, with histograms.
+  :class:`~metasgd_lightning.training.callbacks.LearnedRateMonitor` every 100 steps, with histograms.
 
 Two workloads: the sine demo's (``SineMLP``, 5-shot, 25 tasks per step: tiny steps, where a fixed
 logging cost weighs most) and the Omniglot ConvNet4 (5-way 1-shot, 8 tasks per step, random data of
@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from datamodules import SineDataModule  # noqa: E402
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP  # noqa: E402
-from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
-from metasgd_lightning.callbacks import LearnedRateMonitor  # noqa: E402
+from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
+from metasgd_lightning.training.callbacks import LearnedRateMonitor  # noqa: E402
 
 SETTINGS = ("off", "tensorboard", "tensorboard + α monitor")
 

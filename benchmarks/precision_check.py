@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from datamodules import SineDataModule  # noqa: E402
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP  # noqa: E402
-from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
+from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
 
 
 class StepTimer(L.Callback):

@@ -1,6 +1,6 @@
 """Meta-training throughput: learn2learn vs our core vs our LightningModule, on identical batches.
 
-The Omniglot setting: :class:`~metasgd_lightning.models.ConvNet4` (64 channels, 28x28 grey images,
+The Omniglot setting: :class:`~metasgd_lightning.methods.models.ConvNet4` (64 channels, 28x28 grey images,
 max-pooling blocks), 5-way 1-shot with 15 queries per class, 32 tasks per meta-batch, one inner step;
 random data of the real shapes. Every implementation starts from the same θ (α = 0.4 everywhere)
 and meets the same batches, so their first meta-losses agree (printed as a cross-check). Timed, per
@@ -78,8 +78,8 @@ from torch import nn  # noqa: E402
 
 from metasgd_lightning import MetaSGD  # noqa: E402
 from datamodules.learn2learn_import import import_learn2learn  # noqa: E402
-from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
-from metasgd_lightning.models import ConvNet4  # noqa: E402
+from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
+from metasgd_lightning.methods.models import ConvNet4  # noqa: E402
 
 IMPLS = ("l2l", "core", "lightning")
 NAMES = {"l2l": "(1) learn2learn MetaSGD", "core": "(2) our core (no Lightning)", "lightning": "(3) our LightningModule"}
@@ -213,9 +213,9 @@ def core_step_fn(model: nn.Module, first_order: bool, args) -> Callable[[Batch],
 
 
 def graph_step_fn(model: nn.Module, first_order: bool, args) -> Callable[[Batch], float]:
-    """Our core's step replayed as one CUDA graph (:class:`~metasgd_lightning.cuda_graph.CudaGraphStep`,
+    """Our core's step replayed as one CUDA graph (:class:`~metasgd_lightning.training.cuda_graph.CudaGraphStep`,
     vmap inner loop); its first call runs the eager warm-up step and the capture (untimed, as warm-up)."""
-    from metasgd_lightning.cuda_graph import CudaGraphStep
+    from metasgd_lightning.training.cuda_graph import CudaGraphStep
 
     meta = MetaSGD(copy.deepcopy(model), init_lr=INIT_LR, first_order=first_order)
     optimizer = torch.optim.Adam(meta.parameters(), lr=META_LR)
@@ -398,7 +398,7 @@ VARIANTS: dict[str, dict] = {
     "core, backward every task": dict(impl="core", chunk=1),
     "core, backward every 8 tasks": dict(impl="core", chunk=8),
     "core + channels_last weights": dict(impl="core", channels_last=True),
-    # What the CPU paths of metasgd_lightning.models bring (see apply_options):
+    # What the CPU paths of metasgd_lightning.methods.models bring (see apply_options):
     "core, NCHW input": dict(impl="core", nchw=True),
     "core, torch's batch-norm double backward": dict(impl="core", torch_bn=True),
     "core, NCHW + torch's batch-norm double backward (before)": dict(impl="core", nchw=True, torch_bn=True),

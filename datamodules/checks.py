@@ -1,7 +1,7 @@
 """Argument checks with errors that name the owner, the argument and the value given.
 
 The data package's own: ``metasgd_lightning`` has its integer check beside the maths
-(``metasgd_lightning.metasgd.check_positive_int``), which must not depend on the data package.
+(``metasgd_lightning.methods.contract.check_positive_int``), which must not depend on the data package.
 """
 
 from __future__ import annotations

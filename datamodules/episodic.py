@@ -167,7 +167,7 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
 
         Only ``"train"`` is augmented (if ``augment``); ``"val"`` and ``"test"`` give the deterministic
         preprocessing that a trained model expects of new images too (see
-        :func:`metasgd_lightning.inference.adapt_to_folder`).
+        :func:`metasgd_lightning.commands.inference.adapt_to_folder`).
 
         Args:
             split: ``"train"``, ``"val"`` or ``"test"``.

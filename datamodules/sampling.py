@@ -184,7 +184,7 @@ class FixedTaskSampler(_RankShare):
     On ``W`` processes rank ``r`` yields ``r, r + W, ...`` with no padding: ranks may hold one task
     more or fewer, and no task is counted twice (Lightning's own ``DistributedSampler`` would repeat
     tasks to even the ranks out). Metrics that sum over tasks and all-reduce by summation (such as
-    :class:`~metasgd_lightning.metrics.TaskMeanCI`) then equal those of one process.
+    :class:`~metasgd_lightning.training.metrics.TaskMeanCI`) then equal those of one process.
 
     Args:
         num_tasks: ``n``, the size of the fixed task set (at least the number of processes).

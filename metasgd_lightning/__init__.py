@@ -1,28 +1,28 @@
-"""metasgd-lightning: Meta-SGD (Li et al., 2017) as PyTorch Lightning modules.
+"""metasgd-lightning: Meta-SGD (Li et al., 2017), MAML and Reptile as PyTorch Lightning modules.
 
-- :class:`MetaSGD` (``metasgd.py``): the maths (θ and a learned rate α per parameter entry), no Lightning.
-- :class:`MetaSGDLightningModule` (``module.py``): the training recipe, with manual optimisation.
-- :class:`Reptile` (``reptile.py``) and :class:`ReptileLightningModule` (``module.py``): Reptile (Nichol et
-  al., 2018), the first-order method that moves θ towards each task's trained weights, on the same recipe.
-- :mod:`metasgd_lightning.models`: the networks of the papers; ``metrics.py``: :class:`TaskMeanCI`.
-- ``callbacks.py``: the checkpoint and α-monitor callbacks; ``progress.py``: the progress bar (lines when not
-  a terminal); ``tensorboard_views.py``: the validation band and figures in TensorBoard.
-- ``cli.py``: the ``metasgd`` command (``_parser.py``: its parser); ``plotting.py``: ``metasgd plot-lrs``;
-  ``task_plots.py``: ``metasgd plot-sine`` and ``plot-tasks``; ``inference.py``: use a checkpoint on a new
-  task; ``adapt_command.py``: ``metasgd adapt``.
+Three layers, imports running one way (each imports only those above it in this list):
+
+- :mod:`.methods`: the maths, no Lightning. :class:`MetaLearner` is the contract every method keeps;
+  :class:`MetaSGD` (learned per-parameter rates α; MAML is its fixed-rate case), :class:`Reptile`,
+  and the papers' networks (:class:`SineMLP`, :class:`ConvNet4`).
+- :mod:`.training`: the Lightning pieces. The recipes :class:`MetaSGDLightningModule`,
+  :class:`MAMLLightningModule` and :class:`ReptileLightningModule` on their shared base
+  :class:`MetaLearningModule`; metrics, callbacks, checkpoints, progress, TensorBoard.
+- :mod:`.commands`: what users run: the ``metasgd`` command, inference on a checkpoint, plots, ``adapt``.
 
 The data modules are the separate package :mod:`datamodules`, which this one imports (never the other way).
 """
 
-from .metasgd import InnerLoopDivergedError, MetaSGD, TaskBatchResult
-from .metrics import TaskMeanCI
-from .models import ConvNet4, SineMLP
-from .module import MetaLearningModule, MetaSGDLightningModule, ReptileLightningModule
-from .reptile import Reptile
+from . import _old_paths
+from .methods import ConvNet4, InnerLoopDivergedError, MetaLearner, MetaSGD, Reptile, SineMLP, TaskBatchResult
+from .training import MetaLearningModule, MetaSGDLightningModule, ReptileLightningModule, TaskMeanCI
+
+_old_paths.install()
 
 __all__ = [
     "ConvNet4",
     "InnerLoopDivergedError",
+    "MetaLearner",
     "MetaSGD",
     "MetaLearningModule",
     "MetaSGDLightningModule",

@@ -22,8 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 from datamodules import SineDataModule  # noqa: E402
 from metasgd_lightning import MetaSGDLightningModule, ReptileLightningModule  # noqa: E402
-from metasgd_lightning._quiet import silence_lightning_noise  # noqa: E402
-from metasgd_lightning.models import SineMLP  # noqa: E402
+from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
+from metasgd_lightning.methods.models import SineMLP  # noqa: E402
 
 
 def _weights(module: MetaSGDLightningModule) -> dict[str, torch.Tensor]:

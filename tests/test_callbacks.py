@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from metasgd_lightning import MetaSGDLightningModule, SineMLP
-from metasgd_lightning.callbacks import LearnedRateMonitor, MetaSGDCheckpoint
+from metasgd_lightning.training.callbacks import LearnedRateMonitor, MetaSGDCheckpoint
 
 
 @pytest.mark.parametrize("task, monitor, mode, sentinel", [("classification", "val/acc", "max", -torch.inf),

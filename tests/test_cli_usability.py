@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
-from metasgd_lightning.cli import main
+from metasgd_lightning.commands.cli import main
 
 SINE = str(REPO / "configs/sine_5shot.yaml")
 

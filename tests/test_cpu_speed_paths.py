@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from metasgd_lightning import MetaSGD
-from metasgd_lightning.models import ConvNet4, TaskBatchNorm2d, _BatchNormFunction, channels_last_on_cpu
+from metasgd_lightning.methods.models import ConvNet4, TaskBatchNorm2d, _BatchNormFunction, channels_last_on_cpu
 
 
 def _native(x, w, b):
@@ -94,7 +94,7 @@ def test_cpu_speed_paths_give_the_plain_meta_gradient(channels, monkeypatch):
     batch = _image_batch(channels=channels)
     fast_loss, fast_grads = _second_order_grads(model, batch)
     monkeypatch.setattr(TaskBatchNorm2d, "fused_double_backward", False)
-    monkeypatch.setattr("metasgd_lightning.models.channels_last_on_cpu", lambda x: x)
+    monkeypatch.setattr("metasgd_lightning.methods.models.channels_last_on_cpu", lambda x: x)
     plain_loss, plain_grads = _second_order_grads(model, batch)
     torch.testing.assert_close(fast_loss, plain_loss)
     for fast, plain in zip(fast_grads, plain_grads):

@@ -597,7 +597,7 @@ def test_configs_instantiate_with_linked_ways(config, tmp_path, monkeypatch):
     from lightning.pytorch import LightningDataModule
 
     from metasgd_lightning import MetaSGDLightningModule
-    from metasgd_lightning.cli import MetaSGDCLI
+    from metasgd_lightning.commands.cli import MetaSGDCLI
 
     monkeypatch.chdir(tmp_path)  # the configs' run folders are relative
     monkeypatch.setattr(sys, "argv", ["metasgd"])  # LightningCLI warns when pytest's arguments are there too

@@ -25,8 +25,8 @@ from datamodules import ImageFolderDataModule, SineDataModule
 from datamodules.episodic import ImageReadError
 from datamodules.sampling import TaskDataLoader, TaskIndexSampler
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule
-from metasgd_lightning.callbacks import MetaSGDCheckpoint
-from metasgd_lightning.checkpointing import (
+from metasgd_lightning.training.callbacks import MetaSGDCheckpoint
+from metasgd_lightning.training.checkpointing import (
     AtomicCheckpointIO,
     CheckpointCorruptError,
     checkpoint_is_intact,

@@ -17,7 +17,7 @@ from datamodules import OmniglotDataModule
 from datamodules.images import ImageReadError
 from datamodules.preprocessing import ImageTransform
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
-from metasgd_lightning.inference import (
+from metasgd_lightning.commands.inference import (
     adapt,
     adapt_to_folder,
     checkpoint_transform,

@@ -69,7 +69,7 @@ def test_metasgd_test_prints_per_run_errors_and_the_mean(tmp_path):
     dm = OmniglotOneShotDataModule(root=str(root))
     dm.setup("test")
     for name, batch in zip(dm.task_names, dm.test_dataloader()):
-        result = module.adapt_batch(batch, 2, "test", first_order=True)
+        result = module.adapt_batch(batch, "test", steps=2, first_order=True)
         accuracy = (result.query_output.argmax(-1) == batch[3]).float().mean()
         assert float(printed[name]) == pytest.approx(100 * (1 - float(accuracy)), abs=0.051)
     mean = float(re.search(r"Mean error over 2 runs: ([\d.]+)%", proc.stdout).group(1))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from datamodules import SineDataModule
 from metasgd_lightning import MetaSGD, MetaSGDLightningModule, SineMLP
-from metasgd_lightning.metasgd import multi_step_loss_weights
+from metasgd_lightning.methods.metasgd import multi_step_loss_weights
 
 
 def _task(tasks=3):
@@ -71,7 +71,7 @@ def test_training_uses_first_order_then_second_order_and_annealed_weights(tmp_pa
     adapt_tasks = module.meta_learner.adapt_tasks
 
     def spy(*args, **kwargs):
-        calls.append((module.current_epoch, args[7], args[8]))  # first_order, step_weights
+        calls.append((module.current_epoch, kwargs["first_order"], kwargs["step_weights"]))
         return adapt_tasks(*args, **kwargs)
 
     monkeypatch.setattr(module.meta_learner, "adapt_tasks", spy)

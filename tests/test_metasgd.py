@@ -9,8 +9,8 @@ from torch import nn
 
 from metasgd_lightning import InnerLoopDivergedError, MetaSGD
 from datamodules.learn2learn_import import import_learn2learn
-from metasgd_lightning.metasgd import check_task_batch
-from metasgd_lightning.models import ConvNet4, SineMLP
+from metasgd_lightning.methods.contract import check_task_batch
+from metasgd_lightning.methods.models import ConvNet4, SineMLP
 
 l2l = import_learn2learn()
 
@@ -276,7 +276,7 @@ def test_adapt_works_under_no_grad():
 
 
 def test_task_batchnorm_matches_torch_batchnorm():
-    from metasgd_lightning.models import TaskBatchNorm2d
+    from metasgd_lightning.methods.models import TaskBatchNorm2d
 
     x = torch.randn(6, 4, 5, 5, dtype=torch.float64)
     ours, torchs = TaskBatchNorm2d(4).double(), nn.BatchNorm2d(4, track_running_stats=False).double()

@@ -145,7 +145,7 @@ def test_load_from_checkpoint_gives_the_same_predictions(tmp_path):
     trainer.fit(module, _sine_data())
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     # The model and optimiser are stored as configs, so the safe weights_only loading works.
-    assert module.hparams["model"] == {"class_path": "metasgd_lightning.models.SineMLP",
+    assert module.hparams["model"] == {"class_path": "metasgd_lightning.methods.models.SineMLP",
                                        "init_args": {"hidden": 40, "in_features": 1, "out_features": 1}}
     restored = MetaSGDLightningModule.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
     batch = next(iter(_sine_data().test_dataloader()))
@@ -205,7 +205,7 @@ def test_classification_needs_integer_labels():
     module = MetaSGDLightningModule(ConvNet4(out_features=2, hidden_channels=4), task="classification")
     sx, qx = torch.randn(1, 2, 1, 28, 28), torch.randn(1, 2, 1, 28, 28)
     with pytest.raises(ValueError, match="integer class labels .* got|integer class labels"):
-        module.adapt_batch((sx, torch.zeros(1, 2), qx, torch.zeros(1, 2)), 1, "training")
+        module.adapt_batch((sx, torch.zeros(1, 2), qx, torch.zeros(1, 2)), "training", steps=1)
 
 
 @pytest.mark.parametrize(

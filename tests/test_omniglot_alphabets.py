@@ -128,11 +128,11 @@ def test_within_alphabet_needs_an_alphabet_with_enough_characters(five_alphabets
 def test_the_options_parse_from_a_config(five_alphabets, tmp_path):
     from lightning.pytorch.cli import LightningCLI
 
-    from metasgd_lightning.module import MetaSGDLightningModule
+    from metasgd_lightning.training import MetaSGDLightningModule
 
     config = tmp_path / "alphabets.yaml"
     config.write_text(
-        "model:\n  model: {class_path: metasgd_lightning.models.ConvNet4, init_args: {out_features: 3, "
+        "model:\n  model: {class_path: metasgd_lightning.methods.models.ConvNet4, init_args: {out_features: 3, "
         "image_size: 8, hidden_channels: 4, downsample: stride}}\n"
         "data:\n  class_path: datamodules.OmniglotDataModule\n  init_args:\n"
         f"    root: {five_alphabets}\n    split_by: alphabet\n    val_alphabets: [Alphabet_0]\n"

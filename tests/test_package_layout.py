@@ -46,6 +46,19 @@ OLD_IMPORTS = {
                              "task_seed"],
     "datamodules.lake_oneshot": ["OmniglotOneShotDataModule", "PUBLISHED_ERROR_RATES"],
     "metasgd_lightning._quiet": ["import_learn2learn", "silence_lightning_noise"],
+    # The paths of before the split into methods/, training/ and commands/ (saved configs name them).
+    "metasgd_lightning.metasgd": ["InnerLoopDivergedError", "MetaSGD", "TaskBatchResult", "check_positive_int",
+                                  "check_task_batch", "multi_step_loss_weights"],
+    "metasgd_lightning.reptile": ["Reptile", "ReptileStep", "adam_step", "minibatch_indices", "sgd_step"],
+    "metasgd_lightning.models": ["ConvNet4", "SineMLP", "TaskBatchNorm2d"],
+    "metasgd_lightning.module": ["MetaLearningModule", "MetaSGDLightningModule", "ReptileLightningModule"],
+    "metasgd_lightning.metrics": ["TaskMeanCI", "task_accuracy"],
+    "metasgd_lightning.callbacks": ["LearnedRateMonitor", "MetaSGDCheckpoint"],
+    "metasgd_lightning.checkpointing": ["AtomicCheckpointIO", "checkpoint_is_intact"],
+    "metasgd_lightning.inference": ["adapt", "adapt_to_folder", "checkpoint_transform", "load_meta_learner"],
+    "metasgd_lightning.cli": ["main"],
+    "metasgd_lightning.plotting": ["plot_learned_rates"],
+    "metasgd_lightning.task_plots": ["plot_sine", "plot_tasks"],
     "datamodules": ["CIFARFSDataModule", "EpisodicDataModule", "FC100DataModule", "ImageFolderDataModule",
                     "MiniImageNetDataModule", "OmniglotDataModule", "OmniglotOneShotDataModule", "SineDataModule",
                     "TieredImageNetDataModule"],
@@ -78,3 +91,42 @@ def test_the_four_learn2learn_benchmarks_share_one_base():
     assert MiniImageNetDataModule(root=None).hparams["image_size"] == 84
     assert FC100DataModule(root=None, ways=3).hparams == {**FC100DataModule(root=None).hparams, "ways": 3}
     assert CIFARFSDataModule(root=None).image_size == 32 and CIFARFSDataModule(root=None).padding == 4
+
+
+LAYERS = ("methods", "training", "commands")  # each may import only those before it
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_the_layers_import_one_way(layer):
+    allowed = LAYERS[: LAYERS.index(layer) + 1]
+    package = REPO / "metasgd_lightning" / layer
+    wrong = []
+    for path in sorted(package.glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module:
+                target = node.module.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("metasgd_lightning."):
+                target = node.module.split(".")[1]
+            else:
+                continue
+            if target in LAYERS and target not in allowed:
+                wrong.append(f"{path.name} imports {target}")
+    assert wrong == []
+
+
+def test_no_method_file_imports_another_methods_private_name():
+    for path in (REPO / "metasgd_lightning" / "methods").glob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        private = [alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   for alias in node.names if alias.name.startswith("_")]
+        assert private == [], f"{path.name} imports {private}"
+
+
+def test_an_old_path_is_the_new_module_itself():
+    import metasgd_lightning.methods.models as new
+    import metasgd_lightning.models as old
+    from metasgd_lightning.module import MetaSGDLightningModule
+    from metasgd_lightning.training.metasgd_module import MetaSGDLightningModule as moved
+
+    assert old is new and MetaSGDLightningModule is moved

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from metasgd_lightning.plotting import plot_learned_rates
+from metasgd_lightning.commands.plotting import plot_learned_rates
 
 
 class _Trap:

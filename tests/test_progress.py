@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli
-from metasgd_lightning.progress import MetaProgressBar, _duration
+from metasgd_lightning.training.progress import MetaProgressBar, _duration
 
 TINY = ["--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "4", "--data.val_tasks", "8",
         "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.enable_model_summary", "false"]

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from datamodules import SineDataModule
 from metasgd_lightning import ConvNet4, InnerLoopDivergedError, Reptile, ReptileLightningModule, SineMLP
-from metasgd_lightning.reptile import adam_step, minibatch_indices
+from metasgd_lightning.methods.reptile import adam_step, minibatch_indices
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
@@ -249,7 +249,7 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
     trainer = _trainer(tmp_path, max_steps=4, enable_checkpointing=True, callbacks=[every_2])
     trainer.fit(straight, _sine_data())
     trainer.save_checkpoint(tmp_path / "reptile.ckpt")
-    assert straight.hparams["model"] == {"class_path": "metasgd_lightning.models.SineMLP",
+    assert straight.hparams["model"] == {"class_path": "metasgd_lightning.methods.models.SineMLP",
                                          "init_args": {"hidden": 40, "in_features": 1, "out_features": 1}}
     assert straight.hparams["optimizer"] == {"class_path": "torch.optim.adam.Adam"}
     restored = ReptileLightningModule.load_from_checkpoint(tmp_path / "reptile.ckpt", weights_only=True)
@@ -267,7 +267,7 @@ def test_checkpoint_round_trip_and_resume(tmp_path):
 
 
 def test_inference_adapt_gives_a_plain_module_with_the_adapted_weights():
-    from metasgd_lightning.inference import adapt
+    from metasgd_lightning.commands.inference import adapt
 
     module = ReptileLightningModule(SineMLP(), task="regression", inner_optimizer="sgd", inner_lr=0.02, eval_inner_steps=6)
     sx, sy, qx, _ = _regression_batch(dtype=torch.float32)

@@ -13,7 +13,7 @@ import fixtures_episodic as fx
 from conftest import REPO, run_cli
 from datamodules import OmniglotDataModule
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
-from metasgd_lightning.callbacks import MetaSGDCheckpoint
+from metasgd_lightning.training.callbacks import MetaSGDCheckpoint
 
 FIXTURES = REPO / "tests" / "fixtures" / "before_split"
 
@@ -31,7 +31,7 @@ def test_old_checkpoints_load_with_safe_weights_only_loading():
 
 
 def test_old_omniglot_checkpoint_rebuilds_its_preprocessing():
-    from metasgd_lightning.inference import checkpoint_transform, load_meta_learner
+    from metasgd_lightning.commands.inference import checkpoint_transform, load_meta_learner
 
     module = load_meta_learner(FIXTURES / "omniglot.ckpt")
     assert module.datamodule_hparams["_class_path"] == "datamodules.OmniglotDataModule"

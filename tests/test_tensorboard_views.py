@@ -6,7 +6,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from conftest import REPO, run_cli
-from metasgd_lightning.tensorboard_views import TensorBoardViews
+from metasgd_lightning.training.tensorboard_views import TensorBoardViews
 
 
 def _fit(tmp_path, *extra):

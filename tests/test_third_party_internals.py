@@ -6,13 +6,13 @@ on: fix the function (its docstring says what it needs), not the test.
 
 import torch
 
-from metasgd_lightning.models import TaskBatchNorm2d, functorch_transform_active
+from metasgd_lightning.methods.models import TaskBatchNorm2d, functorch_transform_active
 
 
 def test_torch_still_says_whether_a_functorch_transform_is_running():
     # functorch_transform_active() falls back to True (TaskBatchNorm2d's slower plain-ops path) without it.
     assert callable(getattr(torch._C, "_are_functorch_transforms_active", None)), \
-        "torch._C._are_functorch_transforms_active is gone: update metasgd_lightning.models.functorch_transform_active"
+        "torch._C._are_functorch_transforms_active is gone: update metasgd_lightning.methods.models.functorch_transform_active"
     assert functorch_transform_active() is False
     seen = []
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from metasgd_lightning import MetaSGD
-from metasgd_lightning.models import ConvNet4
+from metasgd_lightning.methods.models import ConvNet4
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -6,14 +6,14 @@ subfolder per class (:func:`adapt_to_folder`), preprocessed as the checkpoint's 
 preprocessed its test images (:func:`checkpoint_transform`).
 
 Example:
-    >>> from metasgd_lightning.inference import load_meta_learner, adapt   # doctest: +SKIP
+    >>> from metasgd_lightning.commands.inference import load_meta_learner, adapt   # doctest: +SKIP
     >>> module = load_meta_learner("runs/sine_5shot/checkpoints/last.ckpt")  # doctest: +SKIP
     >>> model = adapt(module, support_x, support_y)  # doctest: +SKIP
     >>> predictions = model(query_x)  # doctest: +SKIP
 
     On images (``support/<class name>/*.png``):
 
-    >>> from metasgd_lightning.inference import adapt_to_folder, checkpoint_transform, predict_images  # doctest: +SKIP
+    >>> from metasgd_lightning.commands.inference import adapt_to_folder, checkpoint_transform, predict_images  # doctest: +SKIP
     >>> module = load_meta_learner("runs/omniglot_5way_1shot/checkpoints/last.ckpt")  # doctest: +SKIP
     >>> transform = checkpoint_transform(module)  # doctest: +SKIP
     >>> model, class_names = adapt_to_folder(module, "support", transform)  # doctest: +SKIP
@@ -40,8 +40,8 @@ from datamodules.episodic import EpisodicDataModule
 from datamodules.images import FileImages
 from datamodules.preprocessing import ImageTransform
 
-from .checkpointing import checkpoint_is_intact, foreign_format
-from .module import MetaSGDLightningModule
+from ..training.checkpointing import checkpoint_is_intact, foreign_format
+from ..training import MetaSGDLightningModule
 
 __all__ = [
     "Prediction",

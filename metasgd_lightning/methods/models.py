@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metasgd import check_positive_int
+from .contract import check_positive_int
 
 __all__ = ["SineMLP", "ConvNet4", "TaskBatchNorm2d", "channels_last_on_cpu", "functorch_transform_active"]
 

@@ -3,7 +3,7 @@
 The support set is a folder with one subfolder of images per class, as many classes as the model's ways;
 the model adapts to it (Meta-SGD's inner steps) and predicts a class for each query image, printed as a
 table and, with ``--output``, written as CSV or JSON (by the file's suffix). It is
-:func:`~metasgd_lightning.inference.adapt_to_folder` and :func:`~metasgd_lightning.inference.predict_images`
+:func:`~metasgd_lightning.commands.inference.adapt_to_folder` and :func:`~metasgd_lightning.commands.inference.predict_images`
 on the command line, with their errors.
 """
 

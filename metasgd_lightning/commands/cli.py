@@ -32,11 +32,11 @@ from datamodules.downloads import DownloadError
 from ._module_class import names_module_class
 from ._parser import MetaSGDArgumentParser
 from ._quiet import silence_lightning_noise
-from .callbacks import LearnedRateMonitor, MetaSGDCheckpoint
-from .checkpointing import AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, resolve_resume_path
-from .module import MetaLearningModule, MetaSGDLightningModule
-from .progress import MetaProgressBar
-from .tensorboard_views import MetaTensorBoardLogger, TensorBoardViews
+from ..training.callbacks import LearnedRateMonitor, MetaSGDCheckpoint
+from ..training.checkpointing import AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, resolve_resume_path
+from ..training import MetaLearningModule, MetaSGDLightningModule
+from ..training.progress import MetaProgressBar
+from ..training.tensorboard_views import MetaTensorBoardLogger, TensorBoardViews
 
 __all__ = ["MetaSGDCLI", "main"]
 

@@ -5,7 +5,7 @@ outer update is θ ← θ + ε · meanᵢ(θ̃ᵢ − θ) (the batched version, 
 differentiated through the inner loop, so Reptile is first order by construction and learns no rate:
 only θ. The inner loop is a pure function of a parameter dict, run with
 ``torch.func.functional_call``: no module is cloned and θ itself is never written to. This module holds
-the maths only (no Lightning); :class:`~metasgd_lightning.module.ReptileLightningModule` trains it.
+the maths only (no Lightning); :class:`~metasgd_lightning.training.ReptileLightningModule` trains it.
 
 How Reptile differs from the package's other methods (Meta-SGD, and MAML with ``learn_lr=False``):
 
@@ -26,24 +26,26 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
-from .metasgd import (
+from .contract import (
+    LossFn,
+    MetaLearner,
+    Params,
     TaskBatchResult,
     Vectorize,
-    _float32_under_float16_autocast,
-    _require_autograd,
     check_positive_int,
+    choose_vectorize,
+    float32_under_float16_autocast,
+    require_autograd,
 )
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Params = dict[str, Tensor]
 InnerOptimizer = Literal["sgd", "adam"]
 
 __all__ = ["Reptile", "ReptileStep", "sgd_step", "adam_step", "minibatch_indices", "InnerOptimizer"]
@@ -108,14 +110,14 @@ class ReptileStep:
     support_loss: Tensor
 
     def raise_if_not_finite(self, stage: str = "") -> None:
-        """Raise :class:`~metasgd_lightning.metasgd.InnerLoopDivergedError` naming the first non-finite step and task."""
+        """Raise :class:`~metasgd_lightning.methods.metasgd.InnerLoopDivergedError` naming the first non-finite step and task."""
         # TaskBatchResult names the first bad support loss; a zero query loss can never be the culprit.
         tasks, steps = self.support_loss.shape[0], self.support_loss.shape[1] - 1
         zeros = self.support_loss.new_zeros(tasks)
         TaskBatchResult(zeros, zeros, self.support_loss, zeros.new_ones(tasks, steps)).raise_if_not_finite(stage)
 
 
-class Reptile(nn.Module):
+class Reptile(MetaLearner):
     """Reptile: meta-learns a model's initialisation θ from the weights each task's training reaches.
 
     Each task's inner loop runs ``inner_steps`` steps of ``inner_optimizer`` from θ on the task's
@@ -163,8 +165,7 @@ class Reptile(nn.Module):
         eps: float = 1e-8,
         batch_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self.inner_steps = check_positive_int("inner_steps", inner_steps)
+        super().__init__(model, inner_steps)
         self.batch_size = check_positive_int("batch_size", batch_size, or_none=True)
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"`inner_optimizer` must be 'sgd' or 'adam'; got {inner_optimizer!r}.")
@@ -172,22 +173,12 @@ class Reptile(nn.Module):
             raise ValueError(f"`inner_lr` must be a positive number; got {inner_lr!r}.")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"`betas` must be two numbers in [0, 1); got {betas!r}.")
-        self.model = model
         self.inner_lr, self.inner_optimizer = float(inner_lr), inner_optimizer
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
-        self.adapted_names: tuple[str, ...] = tuple(n for n, p in model.named_parameters() if p.requires_grad)
-        if not self.adapted_names:
-            raise ValueError("Reptile needs a model with at least one parameter with requires_grad=True; got none.")
-
-    def forward(self, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Run the model with the weights ``params`` (e.g. from :meth:`adapt`), or with θ if ``None``."""
-        if params is None:
-            return self.model(x)
-        return functional_call(self.model, dict(params), (x,), strict=False)
 
     # -- what callers use -----------------------------------------------------------------------------
 
-    def meta_step(self, x: Tensor, y: Tensor, loss_fn: LossFn, steps: int | None = None, vectorize: Vectorize = "auto",
+    def meta_step(self, x: Tensor, y: Tensor, loss_fn: LossFn, *, steps: int | None = None, vectorize: Vectorize = "auto",
                   seeds: Sequence[int] | None = None) -> ReptileStep:
         """Train a copy of θ on each task and return the outer direction θ − mean θ̃.
 
@@ -208,7 +199,7 @@ class Reptile(nn.Module):
         direction = {n: theta[n].detach() - w.mean(0) for n, w in fast.items()}
         return ReptileStep(direction, support_loss)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, steps: int | None = None,
+    def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, *, steps: int | None = None,
               batch_size: int | None = None, seed: int = 0) -> Params:
         """Adapt to one task: ``steps`` inner steps on its support set from θ.
 
@@ -229,22 +220,21 @@ class Reptile(nn.Module):
         fast, support_loss = self._adapt_tasks(support_x[None], support_y[None], steps, "loop", [seed], batch_size,
                                                loss_fn)
         ReptileStep(fast, support_loss).raise_if_not_finite()
-        frozen = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
-        return {**frozen, **{n: w[0] for n, w in fast.items()}}
+        return self._with_frozen({n: w[0] for n, w in fast.items()})
 
-    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_fn: LossFn,
+    def adapt_tasks(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_fn: LossFn, *,
                     steps: int | None = None, vectorize: Vectorize = "auto", batch_size: int | None = None,
                     seeds: Sequence[int] | None = None) -> TaskBatchResult:
         """Adapt to each task of a meta-batch on its support set and score its query set (evaluation).
 
         Every tensor has a leading task dimension; ``batch_size`` is the examples per inner step
         (default: all of the support set). Returns a
-        :class:`~metasgd_lightning.metasgd.TaskBatchResult` (detached: no meta-gradient) whose
+        :class:`~metasgd_lightning.methods.metasgd.TaskBatchResult` (detached: no meta-gradient) whose
         ``step_scale`` is all ones (every step is taken in full).
         """
         fast, support_loss = self._adapt_tasks(support_x, support_y, steps, vectorize, seeds, batch_size, loss_fn)
         with torch.no_grad():
-            if _choose_vectorize(vectorize, support_x) == "vmap":
+            if choose_vectorize(vectorize, support_x.device) == "vmap":
                 query_output = vmap(self.forward, randomness="different")(query_x, fast)
                 query_loss = vmap(loss_fn)(query_output, query_y)
             else:
@@ -258,8 +248,8 @@ class Reptile(nn.Module):
     def _adapt_tasks(self, x: Tensor, y: Tensor, steps: int | None, vectorize: Vectorize,
                      seeds: Sequence[int] | None, batch_size: int | None, loss_fn: LossFn) -> tuple[Params, Tensor]:
         """θ̃ of every task, stacked ``[tasks, ...]``, and the support losses ``[tasks, steps + 1]``."""
-        steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
-        vectorize = _choose_vectorize(vectorize, x)
+        steps = self._steps(steps)
+        vectorize = choose_vectorize(vectorize, x.device)
         tasks, examples = x.shape[0], x.shape[1]
         if seeds is not None and len(seeds) != tasks:
             raise ValueError(f"`seeds` must hold one seed per task ({tasks}); got {len(seeds)}.")
@@ -272,7 +262,7 @@ class Reptile(nn.Module):
             index = index.to(x.device)
             rows = torch.arange(tasks, device=x.device)[:, None, None]
             x_steps, y_steps = x[rows, index], y[rows, index]
-        _require_autograd()
+        require_autograd()
         with torch.enable_grad():
             if vectorize == "vmap":
                 inner_loop = functools.partial(self._inner_loop, loss_fn=loss_fn, batched=True)
@@ -296,7 +286,7 @@ class Reptile(nn.Module):
         moments = ({n: torch.zeros_like(w) for n, w in fast.items()}, {n: torch.zeros_like(w) for n, w in fast.items()})
         losses = []
         # The inner gradient is taken outside any loss scaler: under float16 autocast it runs in float32.
-        with _float32_under_float16_autocast(x.device.type):
+        with float32_under_float16_autocast(x.device.type):
             for step, (bx, by) in enumerate(zip(x_steps, y_steps)):
                 grads, loss = self._gradient(fast, bx, by, loss_fn, batched)
                 losses.append(loss)
@@ -318,10 +308,3 @@ class Reptile(nn.Module):
         grads = torch.autograd.grad(loss, list(leaves.values()))
         return dict(zip(leaves, grads)), loss.detach()
 
-
-def _choose_vectorize(vectorize: Vectorize, x: Tensor) -> Literal["loop", "vmap"]:
-    if vectorize not in ("auto", "loop", "vmap"):
-        raise ValueError(f"`vectorize` must be 'auto', 'loop' or 'vmap'; got {vectorize!r}.")
-    if vectorize == "auto":
-        return "vmap" if x.device.type == "cuda" else "loop"
-    return vectorize

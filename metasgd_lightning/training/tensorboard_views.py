@@ -4,8 +4,8 @@
 meta-training curve and the validation metric drawn with its 95% confidence interval over tasks as a
 band (a margin chart of ``val/<metric>``, ``val/<metric>_lower`` and ``val/<metric>_upper``), and logs
 a figure of adaptation on a few validation tasks at each validation (the "Images" tab): for sine tasks
-the curves of :func:`~metasgd_lightning.task_plots.plot_sine`, for images one task of
-:func:`~metasgd_lightning.task_plots.plot_tasks`.
+the curves of :func:`~metasgd_lightning.commands.task_plots.plot_sine`, for images one task of
+:func:`~metasgd_lightning.commands.task_plots.plot_tasks`.
 
 :class:`MetaTensorBoardLogger` (the ``metasgd`` command's default logger) keeps two of Lightning's scalars
 off the scalars page, where they would come first: the ``epoch`` counter beside every logged step, and
@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from .metasgd import check_positive_int
+from ..methods.contract import check_positive_int
 
 __all__ = ["MetaTensorBoardLogger", "TensorBoardViews"]
 
@@ -109,7 +109,7 @@ class TensorBoardViews(Callback):
             self._log_figure(trainer, pl_module, writer, step)
 
     def _log_figure(self, trainer, pl_module, writer, step: int) -> None:
-        from .task_plots import sine_figure, task_figure
+        from .figures import sine_figure, task_figure
 
         datamodule = trainer.datamodule
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import foreign_format
+from ..training.checkpointing import foreign_format
 
 __all__ = ["plot_learned_rates", "main"]
 
@@ -24,7 +24,7 @@ def plot_learned_rates(checkpoint_path: str | Path, out: str | Path, bins: int =
         bins: histogram bins.
         trusted: allow unpickling arbitrary objects (a checkpoint of a module built in Python whose model
             is pickled); by default the checkpoint is read with PyTorch's safe ``weights_only`` loading,
-            as :func:`metasgd_lightning.inference.load_meta_learner` reads it.
+            as :func:`metasgd_lightning.commands.inference.load_meta_learner` reads it.
 
     Raises:
         FileNotFoundError: no file at ``checkpoint_path``.

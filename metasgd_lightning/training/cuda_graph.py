@@ -32,7 +32,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .metasgd import LossFn, MetaSGD, TaskBatchResult, check_task_batch
+from ..methods.contract import LossFn, TaskBatchResult, check_task_batch
+from ..methods.metasgd import MetaSGD
 
 __all__ = ["CudaGraphStep", "cuda_graph_unavailable_reason"]
 
@@ -138,7 +139,8 @@ class CudaGraphStep:
             self.log(f"CUDA graph: the training step runs eagerly: {reason}.")
 
     def _adapt(self, batch) -> TaskBatchResult:
-        return self.meta.adapt_tasks(*batch, self.loss_fn, self.steps, "vmap", self.first_order, self.step_weights)
+        return self.meta.adapt_tasks(*batch, self.loss_fn, steps=self.steps, vectorize="vmap", first_order=self.first_order,
+                                     step_weights=self.step_weights)
 
     def _update(self) -> None:
         if self.optimizer is None:

@@ -7,126 +7,35 @@ loss L_query(θ') backpropagates into both θ and α. This module holds the math
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-Params = dict[str, Tensor]
-Vectorize = Literal["auto", "loop", "vmap"]
+from .contract import (
+    InnerLoopDivergedError,
+    LossFn,
+    MetaLearner,
+    Params,
+    TaskBatchResult,
+    Vectorize,
+    check_positive_int,
+    check_task_batch,
+    choose_vectorize,
+    float32_under_float16_autocast,
+    has_native_batch_norm,
+    require_autograd,
+)
+
 LineSearch = Literal["auto", "backtracking", "off"]
 
-__all__ = [
-    "MetaSGD",
-    "InnerLoopDivergedError",
-    "TaskBatchResult",
-    "check_task_batch",
-    "check_positive_int",
-    "multi_step_loss_weights",
-]
-
-
-class InnerLoopDivergedError(FloatingPointError):
-    """A loss in the inner loop (or the query loss right after it) became NaN or infinite.
-
-    Attributes:
-        step: the support loss that was non-finite: ``s < steps`` is the loss before inner step
-            ``s``, ``s == steps`` the loss after the last step; ``None`` for the query loss.
-        steps: the number of inner steps of the adaptation (``None`` if unknown).
-        task: index of the first offending task in the meta-batch.
-        value: the offending loss value.
-    """
-
-    def __init__(self, step: int | None, task: int, value: float, stage: str = "", steps: int | None = None):
-        self.step, self.task, self.value, self.steps = step, task, value, steps
-        if step is None:
-            where = "query loss after the inner loop"
-        elif steps is not None and step >= steps:
-            where = f"support loss after the last inner step (step {steps - 1})"
-        else:
-            where = f"support loss at inner step {step}"
-        prefix = f"{stage}: " if stage else ""
-        super().__init__(
-            f"{prefix}the {where} of task {task} in the meta-batch is {value} (not finite). "
-            "The inner loop diverged: lower `init_lr` (the initial inner-loop rate α), the meta learning rate, "
-            "or the number of inner steps, keep `line_search` on for several steps, clip meta-gradients with "
-            "`gradient_clip_val`, or check the data for NaN/inf."
-        )
-
-
-@dataclass
-class TaskBatchResult:
-    """What adapting a meta-batch of tasks gives.
-
-    Attributes:
-        query_loss: ``[tasks]`` query loss of each task after adaptation (differentiable).
-        query_output: ``[tasks, queries, ...]`` the adapted model's outputs on the query inputs.
-        support_loss: ``[tasks, steps + 1]`` support loss before each inner step and after the last
-            one (detached; the gap between the first and last column is the adaptation gain).
-        step_scale: ``[tasks, steps]`` the share of each step α ⊙ ∇L that was taken: 1 without line
-            search; with it, 1, 1/2, 1/4, … or 0 (the step would have raised the support loss).
-    """
-
-    query_loss: Tensor
-    query_output: Tensor
-    support_loss: Tensor
-    step_scale: Tensor
-
-    def raise_if_not_finite(self, stage: str = "") -> None:
-        """Raise :class:`InnerLoopDivergedError` naming the first non-finite step and task."""
-        bad_support = ~torch.isfinite(self.support_loss)
-        bad_query = ~torch.isfinite(self.query_loss.detach())
-        if not (bad_support.any() | bad_query.any()):  # one device sync per meta-batch
-            return
-        steps = self.support_loss.shape[1] - 1
-        if bad_support.any():
-            # The first inner step at which any task diverged, then the first task at that step.
-            step = int(bad_support.any(dim=0).nonzero()[0])
-            task = int(bad_support[:, step].nonzero()[0])
-            raise InnerLoopDivergedError(step, task, float(self.support_loss[task, step]), stage, steps)
-        task = int(bad_query.nonzero()[0])
-        raise InnerLoopDivergedError(None, task, float(self.query_loss[task]), stage, steps)
-
-
-def check_task_batch(batch: object) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Check that ``batch`` is ``(support_x, support_y, query_x, query_y)`` with one leading task dimension.
-
-    Raises:
-        ValueError: naming the tensor, the expected shape and the shape given.
-    """
-    if not isinstance(batch, (tuple, list)) or len(batch) != 4 or not all(isinstance(t, Tensor) for t in batch):
-        got = type(batch).__name__ if not isinstance(batch, (tuple, list)) else f"a {len(batch)}-item {type(batch).__name__}"
-        raise ValueError(
-            "A meta-batch must be 4 tensors (support_x, support_y, query_x, query_y), each with a leading "
-            f"task dimension; got {got}."
-        )
-    support_x, support_y, query_x, query_y = batch
-    tasks = support_x.shape[0] if support_x.dim() else None
-    for name, t, min_dim in (("support_x", support_x, 2), ("support_y", support_y, 2), ("query_x", query_x, 2), ("query_y", query_y, 2)):
-        if t.dim() < min_dim or t.shape[0] != tasks:
-            raise ValueError(
-                f"{name} must have shape [tasks, examples, ...] with the same number of tasks as support_x "
-                f"({tasks}); got shape {tuple(t.shape)}."
-            )
-    for x_name, x, y_name, y in (("support_x", support_x, "support_y", support_y), ("query_x", query_x, "query_y", query_y)):
-        if x.shape[1] != y.shape[1]:
-            raise ValueError(
-                f"{x_name} and {y_name} must hold the same number of examples per task; got "
-                f"{x_name} {tuple(x.shape)} and {y_name} {tuple(y.shape)}."
-            )
-    if support_x.shape[2:] != query_x.shape[2:]:
-        raise ValueError(
-            "support_x and query_x must have the same example shape; got "
-            f"{tuple(support_x.shape[2:])} and {tuple(query_x.shape[2:])}."
-        )
-    return support_x, support_y, query_x, query_y
+# The contract's names that this module's old path (metasgd_lightning.metasgd) exported, still importable here.
+__all__ = ["InnerLoopDivergedError", "LineSearch", "MetaSGD", "TaskBatchResult", "check_positive_int", "check_task_batch",
+           "multi_step_loss_weights"]
 
 
 def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> Tensor:
@@ -148,16 +57,6 @@ def multi_step_loss_weights(steps: int, epoch: int, anneal_epochs: int) -> Tenso
     weights = torch.full((steps,), earlier)
     weights[-1] = 1.0 - earlier * (steps - 1)
     return weights
-
-
-def check_positive_int(name: str, value: object, minimum: int = 1, or_none: bool = False) -> int | None:
-    """``value`` if it is an integer >= ``minimum`` (or ``None`` where allowed); else a ValueError naming ``name``."""
-    if value is None and or_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"`{name}` must be {expected}{' or None' if or_none else ''}; got {value!r}.")
-    return value
 
 
 def _parse_init_lr(init_lr: float | tuple[float, float] | list[float], learn_lr: bool) -> tuple[float, float]:
@@ -186,7 +85,7 @@ def _lr_key(param_name: str) -> str:
     return param_name.replace(".", "-")
 
 
-class MetaSGD(nn.Module):
+class MetaSGD(MetaLearner):
     """Meta-SGD: meta-learns a model's initialisation θ and a per-parameter learning rate α.
 
     The inner loop adapts θ on a task's support set with θ' = θ − α ⊙ ∇θ L_support(θ); the outer
@@ -245,8 +144,7 @@ class MetaSGD(nn.Module):
         line_search: LineSearch = "auto",
         max_halvings: int = 5,
     ) -> None:
-        super().__init__()
-        self.inner_steps = check_positive_int("inner_steps", inner_steps)
+        super().__init__(model, inner_steps)
         if line_search not in ("auto", "backtracking", "off"):
             raise ValueError(f"`line_search` must be 'auto', 'backtracking' or 'off'; got {line_search!r}.")
         self.line_search = line_search
@@ -255,12 +153,8 @@ class MetaSGD(nn.Module):
         if per_step_lr and not learn_lr:
             raise ValueError("`per_step_lr=True` learns one α per inner step, which needs `learn_lr=True`.")
         self.per_step_lr = bool(per_step_lr)
-        self.model = model
         self.first_order = bool(first_order)
         self.learn_lr = bool(learn_lr)
-        self.adapted_names: tuple[str, ...] = tuple(n for n, p in model.named_parameters() if p.requires_grad)
-        if not self.adapted_names:
-            raise ValueError("MetaSGD needs a model with at least one parameter with requires_grad=True; got none.")
         self.lrs = nn.ParameterDict()
         for name, param in model.named_parameters():
             if not param.requires_grad:
@@ -281,17 +175,12 @@ class MetaSGD(nn.Module):
         alpha = self.lrs[_lr_key(param_name)]
         return alpha[min(step, len(alpha) - 1)] if self.per_step_lr else alpha
 
-    def forward(self, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Run the model with the weights ``params`` (e.g. from :meth:`adapt`), or with θ if ``None``."""
-        if params is None:
-            return self.model(x)
-        return functional_call(self.model, dict(params), (x,), strict=False)
-
     def adapt(
         self,
         support_x: Tensor,
         support_y: Tensor,
         loss_fn: LossFn,
+        *,
         steps: int | None = None,
         first_order: bool | None = None,
     ) -> Params:
@@ -313,17 +202,16 @@ class MetaSGD(nn.Module):
             InnerLoopDivergedError: a support loss, before a step or after the last one, became NaN
                 or infinite (the step is named).
         """
-        steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
+        steps = self._steps(steps)
         first_order = self.first_order if first_order is None else first_order
-        _require_autograd()
+        require_autograd()
         with torch.enable_grad():
             fast, support_loss, _ = self._inner_loop(support_x, support_y, loss_fn, steps, first_order, batched=False)
         bad = ~torch.isfinite(support_loss)
         if bad.any():
             step = int(bad.nonzero()[0])
             raise InnerLoopDivergedError(step, 0, float(support_loss[step]), steps=steps)
-        frozen = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
-        return {**frozen, **fast}
+        return self._with_frozen(fast)
 
     def adapt_tasks(
         self,
@@ -332,6 +220,7 @@ class MetaSGD(nn.Module):
         query_x: Tensor,
         query_y: Tensor,
         loss_fn: LossFn,
+        *,
         steps: int | None = None,
         vectorize: Vectorize = "auto",
         first_order: bool | None = None,
@@ -348,23 +237,20 @@ class MetaSGD(nn.Module):
         Returns:
             A :class:`TaskBatchResult`; call its ``raise_if_not_finite()`` to catch divergence.
         """
-        steps = self.inner_steps if steps is None else check_positive_int("steps", steps)
-        if vectorize not in ("auto", "loop", "vmap"):
-            raise ValueError(f"`vectorize` must be 'auto', 'loop' or 'vmap'; got {vectorize!r}.")
+        steps = self._steps(steps)
         first_order = self.first_order if first_order is None else first_order
         if step_weights is not None and step_weights.shape != (steps,):
             raise ValueError(f"`step_weights` must have shape ({steps},), one weight per inner step; got {tuple(step_weights.shape)}.")
-        native_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
-        if vectorize == "auto":
-            vmap_ok = not (native_bn and not first_order)
-            vectorize = "vmap" if support_x.device.type == "cuda" and vmap_ok else "loop"
-        elif vectorize == "vmap" and native_bn and not first_order:
+        # torch's native batch norm has wrong double-backward gradients under vmap.
+        vmap_ok = first_order or not has_native_batch_norm(self.model)
+        if vectorize == "vmap" and not vmap_ok:
             raise ValueError(
                 "vectorize='vmap' with second-order meta-gradients gives wrong gradients through torch's native "
                 "BatchNorm layers (torch.func limitation). Use vectorize='loop', first_order=True, or "
-                "metasgd_lightning.models.TaskBatchNorm2d in the model."
+                "metasgd_lightning.methods.models.TaskBatchNorm2d in the model."
             )
-        _require_autograd()
+        vectorize = choose_vectorize(vectorize, support_x.device, vmap_ok)
+        require_autograd()
         with torch.enable_grad():
             def task_fn(sx, sy, qx, qy, batched=False):
                 return self._task(sx, sy, qx, qy, loss_fn, steps, first_order, step_weights, batched)
@@ -391,13 +277,13 @@ class MetaSGD(nn.Module):
         return {n: params[n] for n in self.adapted_names}
 
     def _support_loss(self, fast: Params, x: Tensor, y: Tensor, loss_fn: LossFn) -> Tensor:
-        with _float32_under_float16_autocast(x.device.type):
+        with float32_under_float16_autocast(x.device.type):
             return loss_fn(self(x, fast), y)
 
     def _gradient(self, fast: Params, x, y, loss_fn, first_order: bool, batched: bool,
                   loss: Tensor | None = None) -> tuple[Params, Tensor]:
         """∇ of the support loss at ``fast`` (``loss``, if given, is its value with a graph to reuse)."""
-        with _float32_under_float16_autocast(x.device.type):
+        with float32_under_float16_autocast(x.device.type):
             if batched:
                 grads, loss = grad_and_value(lambda weights: loss_fn(self(x, weights), y))(fast)
                 if first_order:
@@ -480,24 +366,3 @@ class MetaSGD(nn.Module):
         if step_weights is not None:
             query_loss = (step_weights * torch.stack([*intermediate, query_loss])).sum()
         return query_loss, query_output, support_losses, step_scales
-
-
-def _float32_under_float16_autocast(device_type: str):
-    """Run the support pass and its gradient in float32 when float16 autocast is on (``16-mixed``).
-
-    The inner-loop gradient is taken with ``torch.autograd.grad``/``torch.func``, outside the loss
-    scaler that protects the meta-gradient, so float16 would flush its small entries to zero without
-    a word. bfloat16 has float32's exponent range and keeps running in bfloat16.
-    """
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16:
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _require_autograd() -> None:
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "Meta-SGD adapts with gradients, which torch.inference_mode() forbids. With Lightning, build the "
-            "Trainer with `inference_mode=False` (YAML: `trainer: {inference_mode: false}`); otherwise call "
-            "outside inference_mode."
-        )

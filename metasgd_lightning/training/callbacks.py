@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from .checkpointing import Preempted
-from .metasgd import check_positive_int
+from ..methods.contract import check_positive_int
 
 __all__ = ["LearnedRateMonitor", "MetaSGDCheckpoint"]
 
@@ -42,7 +42,7 @@ class MetaSGDCheckpoint(ModelCheckpoint):
 
     ``stop_signals`` (SIGTERM, SIGUSR1 and SIGINT by default; ``[]`` leaves signals alone): the first
     such signal lets the current training step (or validation) finish, saves ``last.ckpt`` and ends the
-    run with :class:`~metasgd_lightning.checkpointing.Preempted` (exit code 128 + the signal's number).
+    run with :class:`~metasgd_lightning.training.checkpointing.Preempted` (exit code 128 + the signal's number).
     A second Ctrl-C stops at once. Under DDP the ranks agree on stopping and on timed saves at every
     step (one small all-reduce), so they save and stop at the same step.
 
