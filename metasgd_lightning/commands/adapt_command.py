@@ -1,7 +1,7 @@
 """``metasgd adapt CKPT --support DIR --queries DIR [--output predictions.csv]``: classify your own images.
 
 The support set is a folder with one subfolder of images per class, as many classes as the model's ways;
-the model adapts to it (Meta-SGD's inner steps) and predicts a class for each query image, printed as a
+the model adapts to it (the inner steps of its method: Meta-SGD, MAML or Reptile) and predicts a class for each query image, printed as a
 table and, with ``--output``, written as CSV or JSON (by the file's suffix). It is
 :func:`~metasgd_lightning.commands.inference.adapt_to_folder` and :func:`~metasgd_lightning.commands.inference.predict_images`
 on the command line, with their errors.

@@ -3,6 +3,7 @@
     metasgd fit --config configs/sine_5shot.yaml
     metasgd fit --config configs/sine_5shot.yaml --ckpt_path last     # resume
     metasgd fit --config configs/reptile_sine.yaml                    # Reptile: the config names its module class
+    metasgd fit --config configs/maml_sine.yaml                       # MAML, likewise
     metasgd test --config configs/sine_5shot.yaml --ckpt_path runs/sine_5shot/checkpoints/last.ckpt
     metasgd plot-lrs runs/sine_5shot/checkpoints/last.ckpt --out lrs.png
     metasgd plot-sine runs/sine_5shot/checkpoints/last.ckpt --out sine.png
@@ -132,7 +133,8 @@ class MetaSGDCLI(LightningCLI):
 def _print_summary(trainer, stage: str) -> None:
     module = trainer.lightning_module
     prefix = "test" if stage == "test" else "val"
-    lines = []
+    # The method first (Meta-SGD, MAML or Reptile), then its class: a MAML run is not "MetaSGDLightningModule".
+    lines = [f"Method: {getattr(module, 'method_name', type(module).__name__)} ({type(module).__name__})"]
     for name in module.metric_names:
         key = f"{prefix}/{name}"
         if key in trainer.callback_metrics:

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import sys
 from collections.abc import Callable, Sequence
@@ -40,14 +41,16 @@ from datamodules.episodic import EpisodicDataModule
 from datamodules.images import FileImages
 from datamodules.preprocessing import ImageTransform
 
+from ..training import MetaLearningModule, MetaSGDLightningModule, ReptileLightningModule
+from ..training.base import CHECKPOINT_CLASS_KEY
 from ..training.checkpointing import checkpoint_is_intact, foreign_format
-from ..training import MetaSGDLightningModule
 
 __all__ = [
     "Prediction",
     "adapt",
     "adapt_to_folder",
     "checkpoint_datamodule",
+    "checkpoint_module_class",
     "checkpoint_transform",
     "load_images",
     "load_meta_learner",
@@ -59,8 +62,12 @@ __all__ = [
 Transform = Callable[[Image.Image], Tensor]
 
 
-def load_meta_learner(path: str | Path, map_location: str | torch.device = "cpu", trusted: bool = False) -> MetaSGDLightningModule:
-    """Load a :class:`MetaSGDLightningModule` checkpoint (e.g. ``last.ckpt`` from ``metasgd fit``).
+def load_meta_learner(path: str | Path, map_location: str | torch.device = "cpu", trusted: bool = False) -> MetaLearningModule:
+    """Load the meta-learning module a checkpoint holds (e.g. ``last.ckpt`` from ``metasgd fit``): Meta-SGD, MAML or Reptile.
+
+    The class is the one that wrote the checkpoint (:func:`checkpoint_module_class`): a
+    :class:`~metasgd_lightning.MetaSGDLightningModule`, :class:`~metasgd_lightning.MAMLLightningModule`,
+    :class:`~metasgd_lightning.ReptileLightningModule` or a subclass of your own (import its module first).
 
     Args:
         path: the checkpoint file.
@@ -70,25 +77,104 @@ def load_meta_learner(path: str | Path, map_location: str | torch.device = "cpu"
             does (only for files you trust).
 
     Returns:
-        The module in evaluation mode. It also keeps ``checkpoint_path`` and ``datamodule_hparams`` (the
-        settings of the data module it was trained on, empty if the checkpoint has none), which
-        :func:`checkpoint_transform` reads.
+        The module in evaluation mode (``module.method_name`` says which method it holds). It also keeps
+        ``checkpoint_path`` and ``datamodule_hparams`` (the settings of the data module it was trained on,
+        empty if the checkpoint has none), which :func:`checkpoint_transform` reads.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a checkpoint, or not one of this module.
+        ValueError: the file is not a checkpoint, or not one of a meta-learning module.
+
+    Example:
+        >>> module = load_meta_learner("runs/reptile_sine/checkpoints/last.ckpt")  # doctest: +SKIP
+        >>> module.method_name, type(module).__name__  # doctest: +SKIP
+        ('Reptile', 'ReptileLightningModule')
     """
     path = Path(path)
     checkpoint = _read_checkpoint(path, map_location, trusted)
-    module = MetaSGDLightningModule.load_from_checkpoint(path, map_location=map_location, weights_only=not trusted)
+    cls = checkpoint_module_class(checkpoint, path)
+    module = cls.load_from_checkpoint(path, map_location=map_location, weights_only=not trusted)
     # Kept so that checkpoint_transform(module) can rebuild the preprocessing of the training data.
     module.checkpoint_path = path
     module.datamodule_hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     return module.eval()
 
 
+def checkpoint_module_class(checkpoint: dict, origin: object = "The checkpoint") -> type[MetaLearningModule]:
+    """The module class that wrote a checkpoint dictionary, to load it with.
+
+    In order: the class the checkpoint records (``checkpoint["meta_learning_module"]``, written by
+    :class:`~metasgd_lightning.MetaLearningModule`); the class the ``metasgd`` command stored in its
+    hyperparameters (``_class_path``: a config that named its class); for older checkpoints, inferred:
+    Reptile's hyperparameters have ``inner_optimizer``, and a Meta-SGD checkpoint (or MAML's, then
+    ``learn_lr=False``) has rates ``meta_learner.lrs.*``. A recorded name resolves only to a subclass of
+    :class:`~metasgd_lightning.MetaLearningModule` in a module already imported (or in this package): a
+    checkpoint must not make us import or run arbitrary code.
+
+    Args:
+        checkpoint: the dictionary ``torch.load`` read from the file.
+        origin: how to name the checkpoint in errors (its path).
+
+    Raises:
+        ValueError: the recorded class is not an imported ``MetaLearningModule``, or the checkpoint is of
+            no meta-learning module.
+
+    Example:
+        >>> checkpoint = torch.load("last.ckpt", weights_only=True)  # doctest: +SKIP
+        >>> checkpoint_module_class(checkpoint)  # doctest: +SKIP
+        <class 'metasgd_lightning.training.metasgd_module.MAMLLightningModule'>
+    """
+    hparams = checkpoint.get("hyper_parameters")
+    hparams = hparams if isinstance(hparams, dict) else {}
+    for source, recorded in ((f"records its module class ({CHECKPOINT_CLASS_KEY})", checkpoint.get(CHECKPOINT_CLASS_KEY)),
+                             ("names its module class in its hyperparameters (_class_path)", hparams.get("_class_path"))):
+        if recorded is None:
+            continue
+        cls = _resolve_module_class(recorded)
+        if cls is None:
+            raise ValueError(f"{origin} {source} as {recorded!r}, which is not an imported subclass of "
+                             "metasgd_lightning.MetaLearningModule. If it is a module class of your own, import its "
+                             "module before loading the checkpoint.")
+        return cls
+    state = checkpoint.get("state_dict") or {}
+    if "inner_optimizer" in hparams:  # only Reptile's recipe has an inner optimiser
+        return ReptileLightningModule
+    if any(key.startswith("meta_learner.lrs.") for key in state):  # Meta-SGD, or MAML with learn_lr=False
+        return MetaSGDLightningModule
+    raise ValueError(f"{origin} is not a checkpoint of a meta-learning module (MetaSGDLightningModule, "
+                     "MAMLLightningModule, ReptileLightningModule): it records no module class and has neither "
+                     "Meta-SGD's rates (meta_learner.lrs.*) nor Reptile's hyperparameters. Give a .ckpt file written "
+                     "by `metasgd fit` or by a Trainer fitting one of these modules.")
+
+
+def _resolve_module_class(class_path: object) -> type[MetaLearningModule] | None:
+    """The ``MetaLearningModule`` subclass named ``"<module>.<qualname>"``, or None.
+
+    Only modules already imported, or within this package (whose old paths ``_old_paths`` maps), are
+    looked in; nothing else is imported.
+    """
+    if not isinstance(class_path, str):
+        return None
+    parts = class_path.split(".")
+    package = __package__.split(".")[0]
+    for cut in range(len(parts) - 1, 0, -1):  # the longest module path first: "a.b.C.D" may be class D of a.b.C
+        module_name = ".".join(parts[:cut])
+        module = sys.modules.get(module_name)
+        if module is None and parts[0] == package:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:
+                continue
+        obj = module
+        for name in parts[cut:] if module is not None else ():
+            obj = getattr(obj, name, None)
+        if module is not None and isinstance(obj, type) and issubclass(obj, MetaLearningModule):
+            return obj
+    return None
+
+
 def _read_checkpoint(path: Path, map_location: str | torch.device = "cpu", trusted: bool = False) -> dict:
-    """The checkpoint dictionary at ``path``, checked to be one of :class:`MetaSGDLightningModule`."""
+    """The checkpoint dictionary at ``path``, checked to hold a state dict of a meta-learner."""
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}. Give the path of a .ckpt file written by `metasgd fit` "
                                 "(by default under runs/<config name>/checkpoints/).")
@@ -106,12 +192,14 @@ def _read_checkpoint(path: Path, map_location: str | torch.device = "cpu", trust
                                    "trust it, pass trusted=True.")
         raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {str(error).splitlines()[0]}.{hint}") from error
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not state or not any(key.startswith("meta_learner.lrs.") for key in state):
-        raise ValueError(f"{path} is not a checkpoint of MetaSGDLightningModule (it has no meta_learner.lrs.* weights).")
+    if not state or not any(key.startswith("meta_learner.") for key in state):
+        raise ValueError(f"{path} is not a checkpoint of a meta-learning module (MetaSGDLightningModule, "
+                         "MAMLLightningModule, ReptileLightningModule): it has no meta_learner.* weights. Give a .ckpt "
+                         "file written by `metasgd fit`.")
     return checkpoint
 
 
-def adapt(module: MetaSGDLightningModule, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> nn.Module:
+def adapt(module: MetaLearningModule, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> nn.Module:
     """Adapt the meta-learned model to one task and return it as a plain ``nn.Module``.
 
     Args:
@@ -166,7 +254,7 @@ class Prediction(NamedTuple):
     probability: float
 
 
-def checkpoint_transform(source: MetaSGDLightningModule | str | Path, split: str = "test") -> ImageTransform:
+def checkpoint_transform(source: MetaLearningModule | str | Path, split: str = "test") -> ImageTransform:
     """The preprocessing of the images a checkpoint was trained on, rebuilt from its data module's settings.
 
     A checkpoint written by ``metasgd fit`` records its data module's class and arguments. This builds
@@ -198,7 +286,7 @@ def checkpoint_transform(source: MetaSGDLightningModule | str | Path, split: str
     return datamodule.transform(split)
 
 
-def checkpoint_datamodule(source: MetaSGDLightningModule | str | Path, base: type = LightningDataModule,
+def checkpoint_datamodule(source: MetaLearningModule | str | Path, base: type = LightningDataModule,
                           fix: str = "") -> LightningDataModule:
     """The data module a checkpoint was trained on, built again from the class and arguments it records.
 
@@ -240,7 +328,7 @@ def checkpoint_datamodule(source: MetaSGDLightningModule | str | Path, base: typ
                          f"({error}). {fix}") from error
 
 
-def _recorded_datamodule(source: MetaSGDLightningModule | str | Path) -> dict:
+def _recorded_datamodule(source: MetaLearningModule | str | Path) -> dict:
     """A copy of the data module settings a checkpoint records (``_class_path`` included), or {}."""
     if isinstance(source, (str, Path)):
         hparams = _read_checkpoint(Path(source)).get("datamodule_hyper_parameters")
@@ -249,7 +337,7 @@ def _recorded_datamodule(source: MetaSGDLightningModule | str | Path) -> dict:
     return dict(hparams or {})
 
 
-def _origin_and_task(source: MetaSGDLightningModule | str | Path) -> tuple[object, str | None]:
+def _origin_and_task(source: MetaLearningModule | str | Path) -> tuple[object, str | None]:
     """How to name a checkpoint in messages, and the task its module recorded (None if unknown)."""
     if isinstance(source, (str, Path)):
         hparams = _read_checkpoint(Path(source)).get("hyper_parameters") or {}
@@ -336,7 +424,7 @@ def load_images(images: str | Path | Sequence[str | Path], transform: Transform)
     return _decode(files, transform, "images"), files
 
 
-def adapt_to_folder(module: MetaSGDLightningModule | str | Path, folder: str | Path,
+def adapt_to_folder(module: MetaLearningModule | str | Path, folder: str | Path,
                     transform: Transform | None = None, steps: int | None = None) -> tuple[nn.Module, list[str]]:
     """Adapt a trained classifier to the classes of a support folder (one subfolder of images per class).
 

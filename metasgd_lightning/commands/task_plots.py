@@ -1,6 +1,6 @@
 """Pictures of adaptation on test tasks: ``metasgd plot-sine`` and ``metasgd plot-tasks``.
 
-- :func:`plot_sine`: the figure of the MAML and Meta-SGD papers. For a few test tasks of a sine
+- :func:`plot_sine`: the figure of the MAML and Meta-SGD papers, for a checkpoint of any method. For a few test tasks of a sine
   checkpoint: the true curve, the K support points, and the prediction of θ before adaptation, after
   one inner step and after ``eval_inner_steps`` steps.
 - :func:`plot_tasks`: one test task of an image checkpoint: its support images by class, its query
@@ -53,7 +53,8 @@ def plot_sine(checkpoint_path: str | Path, out: str | Path, tasks: int = 4, step
     if not hasattr(datamodule, "ranges"):
         raise ValueError(f"{checkpoint_path} was not trained on sine tasks ({type(datamodule).__name__}).")
     task_set = datamodule.tasks("test", first_task + tasks)
-    title = f"{type(module).__name__}: adaptation on sine test tasks ({Path(checkpoint_path).name})"
+    # The method the checkpoint holds (Meta-SGD, MAML, Reptile), not the class that trains it.
+    title = f"{module.method_name}: adaptation on sine test tasks ({Path(checkpoint_path).name})"
     fig = sine_figure(module, task_set, range(first_task, first_task + tasks), datamodule.ranges["x_range"], steps, title)
     return _save(fig, out, dpi)
 
@@ -86,7 +87,7 @@ def plot_tasks(checkpoint_path: str | Path, out: str | Path, task: int = 0, data
     datamodule = checkpoint_datamodule(module, EpisodicDataModule)
     datamodule.setup("test")
     support_x, support_y, query_x, query_y = datamodule.tasks("test", task + 1)[task]
-    fig = task_figure(module, (support_x, support_y, query_x, query_y), f"Test task {task}", steps)
+    fig = task_figure(module, (support_x, support_y, query_x, query_y), f"{module.method_name}, test task {task}", steps)
     return _save(fig, out, dpi)
 
 

@@ -9,8 +9,8 @@
 """
 
 from .base import MetaLearningModule
-from .metasgd_module import MetaSGDLightningModule
+from .metasgd_module import MAMLLightningModule, MetaSGDLightningModule
 from .metrics import TaskMeanCI
 from .reptile_module import ReptileLightningModule
 
-__all__ = ["MetaLearningModule", "MetaSGDLightningModule", "ReptileLightningModule", "TaskMeanCI"]
+__all__ = ["MAMLLightningModule", "MetaLearningModule", "MetaSGDLightningModule", "ReptileLightningModule", "TaskMeanCI"]

@@ -27,9 +27,12 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from ..methods.contract import InnerLoopDivergedError, TaskBatchResult, Vectorize, check_task_batch
 from .metrics import TaskMeanCI, task_accuracy
 
-__all__ = ["MetaLearningModule", "Task", "check_positive_or_none"]
+__all__ = ["CHECKPOINT_CLASS_KEY", "MetaLearningModule", "Task", "check_positive_or_none"]
 
 Task = Literal["classification", "regression"]
+
+#: The checkpoint entry naming the module class that wrote it, ``"<module>.<qualname>"``.
+CHECKPOINT_CLASS_KEY = "meta_learning_module"
 
 
 def _regression_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -122,6 +125,16 @@ class MetaLearningModule(L.LightningModule):
     def monitor(self) -> tuple[str, Literal["min", "max"]]:
         """The validation metric that picks the best checkpoint, and whether higher or lower is better."""
         return ("val/acc", "max") if self.task == "classification" else ("val/mse", "min")
+
+    @property
+    def method_name(self) -> str:
+        """The method this module trains, as plots, summaries and tables name it (e.g. ``"Reptile"``).
+
+        By default the class name without ``LightningModule``; a recipe that trains several methods
+        (:class:`~metasgd_lightning.training.metasgd_module.MetaSGDLightningModule`: Meta-SGD, or MAML
+        with a fixed rate) overrides it.
+        """
+        return type(self).__name__.removesuffix("LightningModule") or type(self).__name__
 
     @property
     def model(self) -> nn.Module:
@@ -305,6 +318,11 @@ class MetaLearningModule(L.LightningModule):
             metrics = {f"hparams/test_{name}": float(r["mean"]) for name, r in self.test_results.items()}
             metrics.update({f"hparams/test_{name}_ci95": float(r["ci95"]) for name, r in self.test_results.items()})
             self.logger.log_hyperparams(self.hparams, metrics)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Which class wrote the checkpoint, so that inference.load_meta_learner rebuilds the same one
+        # (a plain string: weights_only loading reads it). A subclass that overrides this calls super().
+        checkpoint[CHECKPOINT_CLASS_KEY] = _class_path(type(self))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Name the first mismatch instead of load_state_dict's wall of text.

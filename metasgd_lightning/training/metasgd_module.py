@@ -1,9 +1,14 @@
-"""Meta-SGD (and MAML, its fixed-rate case) trained episodically with Lightning, with manual optimisation."""
+"""Meta-SGD, and MAML (its fixed-rate case), trained episodically with Lightning, with manual optimisation.
+
+:class:`MetaSGDLightningModule` learns θ and the inner-loop rates α; :class:`MAMLLightningModule` is
+the same recipe with one fixed scalar rate (``learn_lr=False``), under its own name and arguments.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 
 import lightning as L
 import torch
@@ -15,7 +20,7 @@ from ..methods.contract import TaskBatchResult, Vectorize, check_positive_int, c
 from ..methods.metasgd import LineSearch, MetaSGD, multi_step_loss_weights
 from .base import MetaLearningModule, Task, check_positive_or_none
 
-__all__ = ["MetaSGDLightningModule"]
+__all__ = ["MAMLLightningModule", "MetaSGDLightningModule"]
 
 
 class MetaSGDLightningModule(MetaLearningModule):
@@ -89,6 +94,19 @@ class MetaSGDLightningModule(MetaLearningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__(task, vectorize, gradient_clip_val)
+        self._save_hyperparameters(inspect.currentframe(), model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self._build(model, init_lr=init_lr, inner_steps=inner_steps, first_order=first_order, learn_lr=learn_lr,
+                    per_step_lr=per_step_lr, multi_step_loss=multi_step_loss,
+                    multi_step_loss_epochs=multi_step_loss_epochs, first_order_epochs=first_order_epochs,
+                    eval_inner_steps=eval_inner_steps, line_search=line_search, max_halvings=max_halvings,
+                    tasks_per_backward=tasks_per_backward, lr_meta_lr=lr_meta_lr, optimizer=optimizer,
+                    lr_scheduler=lr_scheduler)
+
+    def _build(self, model: nn.Module, *, init_lr, inner_steps, first_order, learn_lr, per_step_lr, multi_step_loss,
+               multi_step_loss_epochs, first_order_epochs, eval_inner_steps, line_search, max_halvings,
+               tasks_per_backward, lr_meta_lr, optimizer, lr_scheduler) -> None:
+        """Check the arguments and build the meta-learner (after ``save_hyperparameters`` of the subclass's own
+        signature, so that a checkpoint of :class:`MAMLLightningModule` stores MAML's arguments)."""
         check_positive_int("eval_inner_steps", eval_inner_steps, or_none=True)
         check_positive_int("multi_step_loss_epochs", multi_step_loss_epochs, minimum=0)
         check_positive_int("first_order_epochs", first_order_epochs, minimum=0)
@@ -97,7 +115,6 @@ class MetaSGDLightningModule(MetaLearningModule):
         if lr_meta_lr is not None and not learn_lr:
             raise ValueError("`lr_meta_lr` sets the meta learning rate of the learned α, but `learn_lr=False` (MAML) "
                              "learns no α: leave `lr_meta_lr` unset.")
-        self._save_hyperparameters(inspect.currentframe(), model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.meta_learner = MetaSGD(model, init_lr, inner_steps, first_order, learn_lr, per_step_lr, line_search,
                                     max_halvings)
         self.multi_step_loss, self.multi_step_loss_epochs = multi_step_loss, multi_step_loss_epochs
@@ -106,6 +123,13 @@ class MetaSGDLightningModule(MetaLearningModule):
         self.tasks_per_backward = tasks_per_backward
         self.lr_meta_lr = lr_meta_lr
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+
+    @property
+    def method_name(self) -> str:
+        """``"Meta-SGD"``, or ``"MAML"`` when the rate is fixed (``learn_lr=False``); ``"first-order ..."`` without
+        the second-order terms."""
+        name = "Meta-SGD" if self.meta_learner.learn_lr else "MAML"
+        return f"first-order {name}" if self.meta_learner.first_order else name
 
     # -- the recipe ---------------------------------------------------------------------------------
 
@@ -168,3 +192,90 @@ class MetaSGDLightningModule(MetaLearningModule):
         if self.lr_meta_lr is None:
             return self.optimizer_factory(theta + alpha)
         return self.optimizer_factory([{"params": theta}, {"params": alpha, "lr": self.lr_meta_lr}])
+
+
+class MAMLLightningModule(MetaSGDLightningModule):
+    """MAML trained episodically with Lightning: Meta-SGD's recipe with one fixed inner-loop rate α.
+
+    The inner loop takes plain gradient steps θ' = θ − α ∇θ L_support(θ) with the scalar ``inner_lr``
+    α, fixed (only θ is meta-learned); the outer loop backpropagates the query loss through them (second
+    order unless ``first_order``). It is :class:`MetaSGDLightningModule` with ``learn_lr=False``: the same
+    training step, evaluation, checkpoints and commands, but named MAML and with MAML's arguments only
+    (no learned-rate options), and without the line search by default, as the paper's algorithm.
+
+    Args:
+        model: the network to meta-learn (e.g. :class:`~metasgd_lightning.methods.models.ConvNet4`).
+        task: ``"classification"`` (cross-entropy; integer labels) or ``"regression"`` (MSE).
+        inner_lr: the fixed inner-loop rate α (the paper: 0.01 for sine, 0.4 for Omniglot 5-way).
+        inner_steps: inner-loop steps in training (the paper: 1 for sine and Omniglot 5-way).
+        first_order: first-order MAML: drop the second-order terms of the meta-gradient.
+        multi_step_loss: (MAML++) train on the query loss after every inner step, weighted, the
+            weights annealed towards the last step over ``multi_step_loss_epochs`` epochs.
+        multi_step_loss_epochs: epochs over which the multi-step loss anneals to the last step.
+        first_order_epochs: (MAML++ derivative-order annealing) first-order meta-gradients for the
+            first this many epochs, then ``first_order``.
+        eval_inner_steps: inner-loop steps at validation, test and prediction (default: ``inner_steps``;
+            the paper: 10 for sine, 3 for Omniglot).
+        line_search: ``"off"`` (default: the paper's plain steps), ``"backtracking"`` (halve a step that
+            would raise the task's support loss) or ``"auto"`` (backtrack when adapting several steps).
+        max_halvings: how often backtracking halves a step before it refuses it.
+        vectorize: ``"vmap"``, ``"loop"`` or ``"auto"``: how the tasks of a meta-batch are adapted.
+        gradient_clip_val: clip the meta-gradient to this total norm (``None``: no clipping).
+        tasks_per_backward: backpropagate the meta-loss every this many tasks of a meta-batch (``None``:
+            all at once); the meta-gradient is the same, peak memory lower.
+        optimizer: the meta-optimiser over θ (Adam with lr 1e-3 by default).
+        lr_scheduler: an optional scheduler of the meta learning rate.
+
+    Reference:
+        Finn, Abbeel and Levine (2017). Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks.
+
+    Example:
+        >>> from metasgd_lightning.methods.models import SineMLP
+        >>> module = MAMLLightningModule(SineMLP(), task="regression", inner_lr=0.01, eval_inner_steps=10)
+        >>> module.method_name, module.inner_lr, module.meta_learner.learn_lr
+        ('MAML', 0.01, False)
+
+        In a config, name the class (``metasgd fit --config configs/maml_sine.yaml``)::
+
+            model:
+              class_path: metasgd_lightning.MAMLLightningModule
+              init_args: {model: {class_path: metasgd_lightning.SineMLP}, inner_lr: 0.01, eval_inner_steps: 10}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task = "classification",
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        multi_step_loss: bool = False,
+        multi_step_loss_epochs: int = 10,
+        first_order_epochs: int = 0,
+        eval_inner_steps: int | None = None,
+        line_search: LineSearch = "off",
+        max_halvings: int = 5,
+        vectorize: Vectorize = "auto",
+        gradient_clip_val: float | None = None,
+        tasks_per_backward: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        if isinstance(inner_lr, bool) or not isinstance(inner_lr, (int, float)) or not 0 < inner_lr < math.inf:
+            raise ValueError(f"`inner_lr` must be one positive number, MAML's fixed inner-loop rate α; got {inner_lr!r}. "
+                             "For learned rates (or a (low, high) range to draw them from) use MetaSGDLightningModule.")
+        # MetaLearningModule's __init__, not MetaSGDLightningModule's: that one would store Meta-SGD's arguments.
+        super(MetaSGDLightningModule, self).__init__(task, vectorize, gradient_clip_val)
+        self._inner_lr = float(inner_lr)
+        # MAML's own arguments are the hyperparameters: load_from_checkpoint rebuilds this class from them.
+        self._save_hyperparameters(inspect.currentframe(), model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        self._build(model, init_lr=float(inner_lr), inner_steps=inner_steps, first_order=first_order, learn_lr=False,
+                    per_step_lr=False, multi_step_loss=multi_step_loss, multi_step_loss_epochs=multi_step_loss_epochs,
+                    first_order_epochs=first_order_epochs, eval_inner_steps=eval_inner_steps, line_search=line_search,
+                    max_halvings=max_halvings, tasks_per_backward=tasks_per_backward, lr_meta_lr=None,
+                    optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+    @property
+    def inner_lr(self) -> float:
+        """The fixed inner-loop rate α."""
+        return self._inner_lr

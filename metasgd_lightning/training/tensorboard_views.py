@@ -87,7 +87,7 @@ class TensorBoardViews(Callback):
         for name in names:
             charts[f"validation {name} (band: 95% interval over tasks)"] = [
                 "Margin", [f"val/{name}", f"val/{name}_lower", f"val/{name}_upper"]]
-        writer.add_custom_scalars({type(pl_module).__name__: charts})
+        writer.add_custom_scalars({getattr(pl_module, "method_name", type(pl_module).__name__): charts})
 
     def on_validation_end(self, trainer, pl_module) -> None:
         writer = self._writer(trainer)
@@ -112,14 +112,15 @@ class TensorBoardViews(Callback):
         from .figures import sine_figure, task_figure
 
         datamodule = trainer.datamodule
+        method = getattr(pl_module, "method_name", type(pl_module).__name__)  # Meta-SGD, MAML, Reptile
         try:
             if pl_module.task == "regression" and hasattr(datamodule, "ranges"):
                 tasks = datamodule.tasks("val", self.figure_tasks)
                 figure = sine_figure(pl_module, tasks, range(self.figure_tasks), datamodule.ranges["x_range"],
-                                     title=f"validation tasks at step {trainer.global_step}")
+                                     title=f"{method}: validation tasks at step {trainer.global_step}")
             elif pl_module.task == "classification" and hasattr(datamodule, "tasks"):
                 figure = task_figure(pl_module, datamodule.tasks("val", 1)[0],
-                                     f"Validation task 0 at step {trainer.global_step}")
+                                     f"{method}, validation task 0 at step {trainer.global_step}")
             else:
                 return
         except Exception as error:  # noqa: BLE001 - a picture must never stop training
