@@ -73,7 +73,8 @@ def test_bad_checkpoints_are_named(python_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="is not a PyTorch checkpoint: it is neither a zip archive nor a pickle"):
         load_meta_learner(tmp_path / "notes.txt")
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="not a checkpoint of MetaSGDLightningModule"):
+    with pytest.raises(ValueError, match=r"not a checkpoint of a meta-learning module \(MetaSGDLightningModule, "
+                                         r"MAMLLightningModule, ReptileLightningModule\): it has no meta_learner"):
         load_meta_learner(tmp_path / "other.ckpt")
     # A model the module cannot describe as a config (no recorded init_args) is stored pickled:
     # refused unless trusted.
