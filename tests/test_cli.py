@@ -140,7 +140,9 @@ def test_checkpoint_of_another_architecture_is_named(trained, tmp_path):
 
 def test_unknown_config_key_is_named(tmp_path):
     config = tmp_path / "typo.yaml"
-    config.write_text((REPO / "configs/sine_5shot.yaml").read_text().replace("inner_steps: 1", "inner_stepz: 1"))
+    text = (REPO / "configs/sine_5shot.yaml").read_text()
+    assert "\n  inner_steps:" in text  # else the "typo" would be no typo, and this would run the whole demo
+    config.write_text(text.replace("\n  inner_steps:", "\n  inner_stepz:"))
     proc = run_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "inner_stepz" in proc.stderr
 

@@ -34,7 +34,9 @@ def test_a_misspelt_option_is_refused_in_one_line_with_the_nearest(option, neare
 
 def test_a_misspelt_key_in_a_config_file_is_named_with_the_nearest(tmp_path, capsys):
     config = tmp_path / "typo.yaml"
-    config.write_text((REPO / "configs/sine_5shot.yaml").read_text().replace("inner_steps: 1", "inner_stepz: 1"))
+    text = (REPO / "configs/sine_5shot.yaml").read_text()
+    assert "\n  inner_steps:" in text  # else the "typo" would be no typo, and this would run the whole demo
+    config.write_text(text.replace("\n  inner_steps:", "\n  inner_stepz:"))
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config)])
     assert "unknown option --model.inner_stepz; did you mean --model.inner_steps?" in capsys.readouterr().err
