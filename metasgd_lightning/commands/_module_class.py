@@ -2,7 +2,8 @@
 
 The Meta-SGD configs give ``model:`` as the module's arguments (``model: {model: ..., init_lr: ...}``),
 and their runs and checkpoints store it so. A config of another method names its class instead:
-``model: {class_path: metasgd_lightning.ReptileLightningModule, init_args: {...}}``. LightningCLI
+``model: {class_path: metasgd_lightning.ReptileLightningModule, init_args: {...}}`` (or
+``metasgd_lightning.MAMLLightningModule``: ``configs/maml_sine.yaml``). LightningCLI
 reads the second form only in its subclass mode, whose help lists no module arguments and whose
 checkpoints store the class beside them; so the command takes subclass mode only when the arguments
 name a class, and every Meta-SGD config, run and checkpoint works exactly as before.

@@ -45,8 +45,9 @@ __all__ = ["MetaSGDCLI", "main"]
 class MetaSGDCLI(LightningCLI):
     """LightningCLI with Meta-SGD's defaults: gradients at evaluation, last and best checkpoints.
 
-    Arguments that name the module's class (``model: {class_path: ...ReptileLightningModule}`` in a
-    config, ``--model CLASS``) select it among the :class:`MetaLearningModule` subclasses; otherwise the
+    Arguments that name the module's class (``model: {class_path: ...ReptileLightningModule}`` or
+    ``...MAMLLightningModule`` in a config, ``--model CLASS``) select it among the
+    :class:`MetaLearningModule` subclasses; otherwise the
     module is :class:`MetaSGDLightningModule`, parsed as it always was (see ``_module_class.py``).
     """
 

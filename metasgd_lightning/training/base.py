@@ -83,15 +83,18 @@ class MetaLearningModule(L.LightningModule):
     A subclass calls ``super().__init__(task, vectorize, gradient_clip_val)``, then
     :meth:`_save_hyperparameters`, and sets:
 
-    - ``self.meta_learner``: an ``nn.Module`` with ``model`` (the network), ``forward(x, params)``,
-      ``adapt(support_x, support_y, loss_fn, steps, *options)`` (one task's fast weights) and
-      ``adapt_tasks(support_x, support_y, query_x, query_y, loss_fn, steps, vectorize, *options)``
-      (a :class:`~metasgd_lightning.methods.metasgd.TaskBatchResult`), as :class:`~metasgd_lightning.MetaSGD`
-      and :class:`~metasgd_lightning.methods.reptile.Reptile` have;
+    - ``self.meta_learner``: a :class:`~metasgd_lightning.methods.contract.MetaLearner` with ``model``
+      (the network), ``forward(x, params)``, ``adapt(support_x, support_y, loss_fn, *, steps, **options)``
+      (one task's fast weights) and ``adapt_tasks(support_x, support_y, query_x, query_y, loss_fn, *,
+      steps, vectorize, **options)`` (a :class:`~metasgd_lightning.methods.contract.TaskBatchResult`), as
+      :class:`~metasgd_lightning.MetaSGD` and :class:`~metasgd_lightning.methods.reptile.Reptile` have;
     - ``self.eval_inner_steps``, ``self.optimizer_factory`` and ``self.lr_scheduler_factory``;
 
     and may override :meth:`evaluation_options` (the keyword options above at evaluation),
-    :meth:`_configure_optimizer` and :meth:`_configure_scheduler`.
+    :meth:`_configure_optimizer`, :meth:`_configure_scheduler` and :attr:`method_name` (how plots and
+    summaries name the method). Its checkpoints record the class that wrote them, so that
+    :func:`~metasgd_lightning.commands.inference.load_meta_learner` rebuilds it (a subclass that
+    overrides ``on_save_checkpoint`` calls ``super().on_save_checkpoint``).
 
     Args:
         task: ``"classification"`` (cross-entropy; integer labels) or ``"regression"`` (MSE).
