@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,12 +21,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from metasgd_lightning import InnerLoopDivergedError
+from metasgd_lightning.commands._quiet import silence_lightning_noise
 
-from metasgd_lightning import InnerLoopDivergedError  # noqa: E402
-from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TRAINER_ARGS = dict(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False)
@@ -141,7 +138,7 @@ def run_rows(rows: Sequence[dict], run: Callable[[dict], dict], jobs: int = 1,
     if jobs <= 1 and not fresh_processes:
         for i, row in enumerate(rows):
             print(f"[{i + 1}/{total}] {row['label']} ...", flush=True)
-            finish(i, lambda: run(row))
+            finish(i, lambda row=row: run(row))  # finish() calls it at once
         return records  # type: ignore[return-value]
     # OMP_NUM_THREADS (torch's own thread count) caps each row's share, e.g. beside another benchmark.
     threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // jobs))

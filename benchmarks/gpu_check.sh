@@ -5,7 +5,7 @@
 #   1. tests/test_cuda_graph.py on the GPU: the captured training step (CUDA graph) gives the θ and α of the
 #      eager step (second order, first order, 3 steps with line search, per-step rates and clipping), other
 #      shapes fall back in one line, a diverged replay leaves the weights and raises;
-#   2. benchmarks/throughput.py --device cuda, second order: learn2learn vs our core vs our LightningModule
+#   2. python -m benchmarks.throughput --device cuda, second order: learn2learn vs our core vs our LightningModule
 #      (vmap), with the roofline (FLOPs per step; the GPU's fp32 GEMM and the network's own forward+backward at
 #      the query batch, measured in the same run; achieved GFLOP/s and fractions) and peak GPU memory;
 #   3. the same with the captured step: learn2learn, our core with vmap, our core as one CUDA graph (same run);
@@ -37,26 +37,26 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 timeout 150 $py -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tee "$out/test_cuda_graph_gpu.txt"
 
 # 2. roofline and throughput, second order (vmap): learn2learn, our core, our LightningModule, peak memory
-timeout 150 $py benchmarks/throughput.py --device cuda --steps 10 --rounds 1 --no-wait --second-order-only 2>&1 \
+timeout 150 $py -m benchmarks.throughput --device cuda --steps 10 --rounds 1 --no-wait --second-order-only 2>&1 \
     | tee "$out/throughput_gpu.txt"
 
 # 3. the captured step against vmap and learn2learn in the same run (roofline, peak memory)
-timeout 120 $py benchmarks/throughput.py --device cuda --steps 10 --rounds 1 --no-wait --second-order-only \
+timeout 120 $py -m benchmarks.throughput --device cuda --steps 10 --rounds 1 --no-wait --second-order-only \
     --experiments --only "core vmap;core, CUDA graph (vmap)" 2>&1 | tee "$out/throughput_gpu_graph.txt"
 
 # 4. where Lightning's ~4 ms per step go
-timeout 90 $py benchmarks/throughput.py --device cuda --steps 10 --no-wait --second-order-only --profile-lightning \
+timeout 90 $py -m benchmarks.throughput --device cuda --steps 10 --no-wait --second-order-only --profile-lightning \
     --profile-rows 30 2>&1 | tee "$out/profile_lightning_gpu.txt"
 
 if [ "${FULL:-0}" = 1 ]; then
     {
-        timeout 120 $py benchmarks/throughput.py --device cuda --steps 10 --rounds 1 --no-wait --first-order-only \
+        timeout 120 $py -m benchmarks.throughput --device cuda --steps 10 --rounds 1 --no-wait --first-order-only \
             --experiments --only "core vmap;core, CUDA graph (vmap)"
-        timeout 90 $py benchmarks/throughput.py --device cuda --steps 10 --rounds 1 --no-wait --second-order-only \
+        timeout 90 $py -m benchmarks.throughput --device cuda --steps 10 --rounds 1 --no-wait --second-order-only \
             --vectorize loop
-        timeout 90 $py benchmarks/throughput.py --device cuda --steps 10 --rounds 1 --no-wait --second-order-only --bf16
-        timeout 90 $py benchmarks/throughput.py --device cuda --steps 10 --rounds 1 --no-wait --second-order-only \
+        timeout 90 $py -m benchmarks.throughput --device cuda --steps 10 --rounds 1 --no-wait --second-order-only --bf16
+        timeout 90 $py -m benchmarks.throughput --device cuda --steps 10 --rounds 1 --no-wait --second-order-only \
             --experiments --only "core (as today);core, backward every task;core, backward every 8 tasks"
-        timeout 150 $py benchmarks/precision_check.py --accelerator gpu --steps 300
+        timeout 150 $py -m benchmarks.precision_check --accelerator gpu --steps 300
     } 2>&1 | tee "$out/full_extras.txt"
 fi

@@ -12,7 +12,7 @@ Two workloads: the sine demo's (``SineMLP``, 5-shot, 25 tasks per step: tiny ste
 logging cost weighs most) and the Omniglot ConvNet4 (5-way 1-shot, 8 tasks per step, random data of
 the real shapes).
 
-    python benchmarks/monitoring_overhead.py            # a few minutes on 2 CPU cores
+    python -m benchmarks.monitoring_overhead            # a few minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -31,13 +30,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from datamodules import SineDataModule
+from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
+from metasgd_lightning.commands._quiet import silence_lightning_noise
+from metasgd_lightning.training.callbacks import LearnedRateMonitor
 
-from datamodules import SineDataModule  # noqa: E402
-from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP  # noqa: E402
-from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
-from metasgd_lightning.training.callbacks import LearnedRateMonitor  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SETTINGS = ("off", "tensorboard", "tensorboard + α monitor")
 

@@ -13,7 +13,7 @@ steps (``line_search="off"``) and with backtracking (the default for several ste
   smallest eigenvalue λ of its Hessian (exact, ``torch.func.hessian``) and the spectral radius of the
   linearised plain step, ρ(I − diag(α) H): above 1, plain steps grow along some direction.
 
-    python benchmarks/multistep_diagnosis.py              # 600 meta-steps per run, every 100
+    python -m benchmarks.multistep_diagnosis              # 600 meta-steps per run, every 100
 
 Writes the table to docs/results.md (section ``multistep_diagnosis``) and the records to
 benchmarks/results/multistep_diagnosis.json. Core ``MetaSGD`` only (no Lightning), CPU.
@@ -32,12 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks._results import write_results
+from datamodules.sine import SineTasks
+from metasgd_lightning import MetaSGD, SineMLP
 
-from benchmarks._results import write_results  # noqa: E402
-from datamodules.sine import SineTasks  # noqa: E402
-from metasgd_lightning import MetaSGD, SineMLP  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHOTS, QUERIES, META_BATCH, TEST_TASKS, STEPS, EVAL_STEPS = 5, 10, 25, 600, 5, 10
 
@@ -94,7 +93,8 @@ def run(line_search: str, iterations: int, every: int, seed: int) -> list[dict]:
             for steps in (STEPS, EVAL_STEPS):
                 record[f"test_{steps}_steps"], mse = evaluate(meta, test, steps)
             order = torch.nan_to_num(mse, nan=float("inf")).argsort()
-            record["median_task"] = {"task": int(order[len(order) // 2]), **curvature(meta, test[0][order[len(order) // 2]], test[1][order[len(order) // 2]])}
+            median = order[len(order) // 2]
+            record["median_task"] = {"task": int(median), **curvature(meta, test[0][median], test[1][median])}
             record["worst_task"] = {"task": int(order[-1]), **curvature(meta, test[0][order[-1]], test[1][order[-1]])}
         if step == iterations:
             records.append(record)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for line_search in ("off", "backtracking"):
         records += run(line_search, args.iterations, args.every, args.seed)
-    command = "python benchmarks/multistep_diagnosis.py " + " ".join(
+    command = "python -m benchmarks.multistep_diagnosis " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     text = section(records, command.strip())
     print("\n" + text)

@@ -19,9 +19,9 @@ characters rotated by 90° as new classes; MAML is the published algorithm (fixe
 Each row is tested on the same fixed test tasks at its own number of inner steps and at 10, and the
 script prints accuracy ± 95% interval (1.96·std/√n over tasks).
 
-    python benchmarks/omniglot_table.py --jobs 2                         # characters, all variants
-    python benchmarks/omniglot_table.py --protocol alphabets --jobs 2    # leave-one-alphabet-out
-    python benchmarks/omniglot_table.py --steps 30 10 --no-write          # a smoke run
+    python -m benchmarks.omniglot_table --jobs 2                         # characters, all variants
+    python -m benchmarks.omniglot_table --protocol alphabets --jobs 2    # leave-one-alphabet-out
+    python -m benchmarks.omniglot_table --steps 30 10 --no-write          # a smoke run
 
 Writes each protocol's table and command to docs/results.md and the records to
 benchmarks/results/omniglot_{characters,alphabets}.json.
@@ -39,13 +39,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks._results import write_results
+from benchmarks._training import fit_and_test, quiet, run_rows
+from datamodules import OmniglotDataModule
+from metasgd_lightning import ConvNet4, MetaSGDLightningModule
 
-from benchmarks._results import write_results  # noqa: E402
-from benchmarks._training import fit_and_test, quiet, run_rows  # noqa: E402
-from datamodules import OmniglotDataModule  # noqa: E402
-from metasgd_lightning import ConvNet4, MetaSGDLightningModule  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED_ZIP = REPO.parent / "shared/data/omniglot/images_background_small1.zip"
 ALPHABETS = ("Balinese", "Early_Aramaic", "Greek", "Korean", "Latin")
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
             with zipfile.ZipFile(args.zip) as archive:
                 archive.extractall(tmp)
             root = Path(tmp) / args.zip.stem
-        command = "python benchmarks/omniglot_table.py " + " ".join(
+        command = "python -m benchmarks.omniglot_table " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         threads = f"{args.jobs} processes of {max(1, torch.get_num_threads() // args.jobs)} thread(s)" \
             if args.jobs > 1 else f"{torch.get_num_threads()} threads"

@@ -8,15 +8,14 @@ For each precision (``32-true``, ``bf16-mixed``, ``16-mixed`` by default):
   step, second order) on random data of the real shapes: tasks per second over ``--conv-steps`` steps
   after two warm-up steps (what does the precision buy?).
 
-    python benchmarks/precision_check.py                       # CPU (16-mixed runs without a loss scaler there)
-    python benchmarks/precision_check.py --accelerator gpu     # on a GPU (16-mixed with Lightning's GradScaler)
+    python -m benchmarks.precision_check                       # CPU (16-mixed runs without a loss scaler there)
+    python -m benchmarks.precision_check --accelerator gpu     # on a GPU (16-mixed with Lightning's GradScaler)
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,12 +24,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from datamodules import SineDataModule
+from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
+from metasgd_lightning.commands._quiet import silence_lightning_noise
 
-from datamodules import SineDataModule  # noqa: E402
-from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP  # noqa: E402
-from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 class StepTimer(L.Callback):

@@ -15,8 +15,8 @@ Rows:
 For every row it prints the test MSE ± 95% interval (1.96·std/√n over tasks) and the largest task MSE
 over the median task MSE (a row diverges on some tasks when this is huge).
 
-    python benchmarks/sine_table.py --quick            # 400 meta-steps per row
-    python benchmarks/sine_table.py --jobs 2           # 2000 meta-steps per row, two rows at a time
+    python -m benchmarks.sine_table --quick            # 400 meta-steps per row
+    python -m benchmarks.sine_table --jobs 2           # 2000 meta-steps per row, two rows at a time
 
 Writes the table and the command to docs/results.md and the records to benchmarks/results/sine_table.json.
 """
@@ -31,13 +31,12 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks._results import write_results
+from benchmarks._training import fit_and_test, max_over_median, quiet, run_rows
+from datamodules import SineDataModule
+from metasgd_lightning import MetaSGDLightningModule, SineMLP
 
-from benchmarks._results import write_results  # noqa: E402
-from benchmarks._training import fit_and_test, max_over_median, quiet, run_rows  # noqa: E402
-from datamodules import SineDataModule  # noqa: E402
-from metasgd_lightning import MetaSGDLightningModule, SineMLP  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 QUICK_ITERATIONS, DEFAULT_ITERATIONS = 400, 2000
 META_BATCH, QUERIES, VAL_TASKS, TEST_TASKS, EVAL_STEPS = 25, 10, 200, 600, 10
@@ -139,7 +138,8 @@ def section(records: list[dict], command: str, threads: str) -> str:
         f"1.96·std/√n; each row at its own number of inner steps and at {EVAL_STEPS}. Validation MSE on {VAL_TASKS} tasks of "
         "the validation stream at the row's own steps: the only score that may choose a setting. \"max / median\" is the largest "
         "task MSE over the median task MSE. Training: meta-batch 25, Adam 1e-3; Meta-SGD α ~ U[0.005, 0.1] learned, "
-        "MAML α = 0.01 fixed with plain steps (the published algorithm); Meta-SGD's `line_search` at its default (`auto`: backtracking for several steps, the paper's plain "
+        "MAML α = 0.01 fixed with plain steps (the published algorithm); Meta-SGD's `line_search` at its default "
+        "(`auto`: backtracking for several steps, the paper's plain "
         "step for one) unless the option says `line search off`. The option rows are 5-step Meta-SGD with one "
         "MAML++ option each.\n\n"
         f"{table(records)}\n"
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--only {args.only}: no row matches; rows: {[r['label'] for r in rows(iterations)]}")
     for row in selected:
         row["seed"] = args.seed
-    command = "python benchmarks/sine_table.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m benchmarks.sine_table " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     threads = f"{args.jobs} processes of {max(1, torch.get_num_threads() // args.jobs)} thread(s)" if args.jobs > 1 \
         else f"{torch.get_num_threads()} threads"
 

@@ -46,11 +46,11 @@ product (2048² on CPU, 8192² on CUDA, TF32 off), and ``net``, the network's ow
 way. The roofline table gives each implementation's tasks/s, achieved GFLOP/s (counted FLOPs per step
 over the median step time) and its fraction of either ceiling.
 
-    python benchmarks/throughput.py                      # second and first order, real sizes, roofline
-    python benchmarks/throughput.py --quick              # a smoke run: 4 tasks, 2 steps
-    python benchmarks/throughput.py --profile            # where the time of one step goes
-    python benchmarks/throughput.py --profile-lightning  # where Lightning's time per step goes (cProfile)
-    python benchmarks/throughput.py --experiments        # candidate speed-ups, measured the same way
+    python -m benchmarks.throughput                      # second and first order, real sizes, roofline
+    python -m benchmarks.throughput --quick              # a smoke run: 4 tasks, 2 steps
+    python -m benchmarks.throughput --profile            # where the time of one step goes
+    python -m benchmarks.throughput --profile-lightning  # where Lightning's time per step goes (cProfile)
+    python -m benchmarks.throughput --experiments        # candidate speed-ups, measured the same way
 """
 
 from __future__ import annotations
@@ -69,17 +69,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datamodules.learn2learn_import import import_learn2learn
+from metasgd_lightning import MetaSGD
+from metasgd_lightning.commands._quiet import silence_lightning_noise
+from metasgd_lightning.methods.models import ConvNet4
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from metasgd_lightning import MetaSGD  # noqa: E402
-from datamodules.learn2learn_import import import_learn2learn  # noqa: E402
-from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
-from metasgd_lightning.methods.models import ConvNet4  # noqa: E402
 
 IMPLS = ("l2l", "core", "lightning")
 NAMES = {"l2l": "(1) learn2learn MetaSGD", "core": "(2) our core (no Lightning)", "lightning": "(3) our LightningModule"}
@@ -337,7 +336,7 @@ class FlopCount:
     def total(self) -> int:
         return sum(self.by_op.values())
 
-    def __enter__(self) -> "FlopCount":
+    def __enter__(self) -> FlopCount:
         self.mode.__enter__()
         return self
 
@@ -524,7 +523,8 @@ def profile_lightning(first_order: bool, args) -> None:
 
 def profile_worker(name: str, first_order: bool, args) -> None:
     """torch.profiler over one step of ``name`` after a warm-up step, in this process (cProfile for Lightning)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     if name == "lightning":
         profile_lightning(first_order, args)
@@ -582,7 +582,7 @@ def _forwarded(args) -> list[str]:
 def spawn(name: str, first_order: bool, steps: int, args, profile: bool = False) -> dict | None:
     """Run ``worker`` (or ``profile_worker``) for ``name`` in a fresh Python process."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **VARIANTS.get(name, {}).get("env", {})}
-    command = [sys.executable, str(Path(__file__).resolve()), "--profile-one" if profile else "--worker", name,
+    command = [sys.executable, "-m", "benchmarks.throughput", "--profile-one" if profile else "--worker", name,
                "--order", "first" if first_order else "second", "--steps", str(steps), *_forwarded(args)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:

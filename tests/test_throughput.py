@@ -1,21 +1,19 @@
-"""benchmarks/throughput.py's roofline: the FLOP count follows the double backward, the table's fractions,
-and a smoke run that prints the roofline on CPU."""
+"""The roofline of ``python -m benchmarks.throughput``: the FLOP count follows the double backward, the table's
+fractions, and a smoke run that prints the roofline on CPU."""
 
 import copy
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import throughput
 from metasgd_lightning import MetaSGD
 from metasgd_lightning.methods.models import ConvNet4
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import throughput  # noqa: E402
 
 
 def _conv_flops(counter) -> int:
@@ -75,7 +73,7 @@ def test_roofline_table_fractions():
 
 def test_quick_run_prints_the_roofline_on_cpu():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--quick", "--tasks", "1", "--no-wait",
+        [sys.executable, "-m", "benchmarks.throughput", "--quick", "--tasks", "1", "--no-wait",
          "--second-order-only", "--device", "cpu"],
         capture_output=True, text=True, cwd=REPO, timeout=900,
     )
