@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-
-from datamodules import SineDataModule  # noqa: E402
-from metasgd_lightning import MetaSGDLightningModule, ReptileLightningModule  # noqa: E402
-from metasgd_lightning.commands._quiet import silence_lightning_noise  # noqa: E402
-from metasgd_lightning.methods.models import SineMLP  # noqa: E402
+from datamodules import SineDataModule
+from metasgd_lightning import MetaSGDLightningModule, ReptileLightningModule
+from metasgd_lightning.commands._quiet import silence_lightning_noise
+from metasgd_lightning.methods.models import SineMLP
 
 
 def _weights(module: MetaSGDLightningModule) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from metasgd_lightning import InnerLoopDivergedError, MetaSGD
-from metasgd_lightning.training.cuda_graph import CudaGraphStep
 from metasgd_lightning.methods.models import ConvNet4
+from metasgd_lightning.training.cuda_graph import CudaGraphStep
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (CUDA graphs); benchmarks/gpu_check.sh runs it on a GPU")

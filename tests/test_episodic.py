@@ -30,8 +30,8 @@ from datamodules import (
     TieredImageNetDataModule,
 )
 from datamodules.episodic import DownloadError, ImageReadError
-from datamodules.sampling import FixedTaskSampler, TaskIndexSampler
 from datamodules.learn2learn_import import import_learn2learn
+from datamodules.sampling import FixedTaskSampler, TaskIndexSampler
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_OMNIGLOT = REPO.parent / "shared/data/omniglot"

@@ -131,7 +131,8 @@ def test_nan_in_the_inner_loop_stops_training_and_keeps_the_last_checkpoint(tmp_
     trainer = _trainer(tmp_path, max_steps=10, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoint])
     # task 1 of the meta-batch, also when the batch is adapted one task at a time
     with pytest.raises(InnerLoopDivergedError, match=r"training \(global step 3\).*inner step 0 of task 1"):
-        trainer.fit(_sine_module(tasks_per_backward=tasks_per_backward), _NaNSineData(bad_batch=3, **dict(meta_batch_size=4, train_tasks_per_epoch=40)))
+        trainer.fit(_sine_module(tasks_per_backward=tasks_per_backward),
+                    _NaNSineData(bad_batch=3, **dict(meta_batch_size=4, train_tasks_per_epoch=40)))
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert last["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
@@ -188,8 +189,10 @@ class _Once:
     [
         ((torch.zeros(4, 5, 1), torch.zeros(4, 5, 1)), "4 tensors"),
         ((torch.zeros(4, 5, 1), torch.zeros(4, 5, 1), torch.zeros(2, 10, 1), torch.zeros(2, 10, 1)), r"query_x must have shape"),
-        ((torch.zeros(4, 5, 1), torch.zeros(4, 5), torch.zeros(4, 10, 1), torch.zeros(4, 10)), r"outputs and targets must have the same shape"),
-        ((torch.zeros(4, 5, 1), torch.zeros(4, 5, 1, dtype=torch.long), torch.zeros(4, 10, 1), torch.zeros(4, 10, 1)), "floating-point targets"),
+        ((torch.zeros(4, 5, 1), torch.zeros(4, 5), torch.zeros(4, 10, 1), torch.zeros(4, 10)),
+         r"outputs and targets must have the same shape"),
+        ((torch.zeros(4, 5, 1), torch.zeros(4, 5, 1, dtype=torch.long), torch.zeros(4, 10, 1), torch.zeros(4, 10, 1)),
+         "floating-point targets"),
     ],
 )
 # Training batches only: each fails in the first training step, before any validation.
