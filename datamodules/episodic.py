@@ -70,7 +70,11 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
     Args:
         ways: classes per task (N); also the model's number of outputs (the CLI links them).
         shots: support images per class (K).
-        queries: query images per class (Q).
+        queries: query images per class (Q) of validation and test tasks, and of training tasks unless
+            ``train_queries`` is given.
+        train_queries: query images per class of training tasks (``None``: ``queries``). Reptile trains
+            on all of a task's images, so its paper's "train-shots 10" is ``shots + train_queries = 10``,
+            while its test tasks keep the protocol's ``queries``.
         meta_batch_size: tasks per meta-batch (per device).
         train_tasks_per_epoch: training tasks in one epoch (steps per epoch = this / meta_batch_size).
         val_tasks: size of the fixed validation task set.
@@ -105,6 +109,7 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
         ways: int = 5,
         shots: int = 1,
         queries: int = 15,
+        train_queries: int | None = None,
         meta_batch_size: int = 32,
         train_tasks_per_epoch: int = 10_000,
         val_tasks: int = 600,
@@ -121,8 +126,11 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
             check_int(owner, name, locals()[name])
         check_int(owner, "num_workers", num_workers, minimum=0)
         check_int(owner, "seed", seed, minimum=0)
+        if train_queries is not None:
+            check_int(owner, "train_queries", train_queries)
         self.save_hyperparameters()
         self.ways, self.shots, self.queries, self.meta_batch_size = ways, shots, queries, meta_batch_size
+        self.train_queries = train_queries
         self.train_tasks_per_epoch, self.val_tasks, self.test_tasks = train_tasks_per_epoch, val_tasks, test_tasks
         self.root = None if root is None else Path(os.path.expanduser(root))
         self.download, self.seed, self.num_workers = download, seed, num_workers
@@ -207,28 +215,46 @@ class EpisodicDataModule(TaskLoaders, L.LightningDataModule, abc.ABC):
             self.datasets[split] = l2l.data.MetaDataset(source, indices_to_labels=dict(enumerate(source.labels)))
             self.sources[split] = source
 
+    def queries_of(self, split: str) -> int:
+        """Query images per class in ``split``'s tasks: ``train_queries`` for ``"train"`` if given, else ``queries``.
+
+        Example:
+            >>> from datamodules import OmniglotDataModule
+            >>> dm = OmniglotDataModule(shots=1, queries=1, train_queries=9)
+            >>> dm.queries_of("train"), dm.queries_of("test")
+            (9, 1)
+        """
+        if split == "train" and getattr(self, "train_queries", None) is not None:
+            return self.train_queries
+        return self.queries
+
     def check_split(self, split: str, source: ImageSource) -> None:
-        """Errors for a split with fewer classes than ``ways`` or a class with fewer than ``shots + queries`` images."""
+        """Errors for a split with fewer classes than ``ways`` or a class with fewer than ``shots + queries`` images.
+
+        ``queries`` is the split's own (:meth:`queries_of`): ``train_queries`` for the training split.
+        """
         counts = source.class_counts()
         if len(counts) < self.ways:
             raise ValueError(f"{self.name} split '{split}' has {len(counts)} classes, fewer than ways={self.ways}. "
                              f"Lower `ways` or give the split more classes.")
-        needed = self.shots + self.queries
+        queries = self.queries_of(split)
+        name = "train_queries" if split == "train" and getattr(self, "train_queries", None) is not None else "queries"
+        needed = self.shots + queries
         small = [(label, n) for label, n in counts.items() if n < needed]
         if small:
             listed = ", ".join(f"'{source.class_names.get(label, label)}' has {n}" for label, n in small[:5])
             more = f" (and {len(small) - 5} more classes)" if len(small) > 5 else ""
             raise ValueError(f"{self.name} split '{split}': class {listed} images{more}, but every class needs "
-                             f"shots + queries = {self.shots} + {self.queries} = {needed}. Lower `shots` or "
-                             f"`queries`, or remove the small classes.")
+                             f"shots + {name} = {self.shots} + {queries} = {needed}. Lower `shots` or "
+                             f"`{name}`, or remove the small classes.")
 
     def tasks(self, split: str, length: int) -> EpisodicTasks:
         """The task set of ``split`` with ``length`` tasks (after :meth:`setup`)."""
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__}: split '{split}' is not loaded; call setup() first "
                                f"(the Trainer does).")
-        return EpisodicTasks(self.datasets[split], split, length, self.ways, self.shots, self.queries, self.seed,
-                             self.task_groups(split))
+        return EpisodicTasks(self.datasets[split], split, length, self.ways, self.shots, self.queries_of(split),
+                             self.seed, self.task_groups(split))
 
     def task_groups(self, split: str) -> dict[int, str] | None:
         """The group of each class label of ``split`` if its tasks draw all their classes from one group, else ``None``.

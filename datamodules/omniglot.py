@@ -119,6 +119,8 @@ class OmniglotDataModule(EpisodicDataModule):
         ways: characters per task (N).
         shots: support drawings per character (K).
         queries: query drawings per character (Q; MAML trains Omniglot with Q = K).
+        train_queries: query drawings per character in training tasks (``None``: ``queries``; Reptile's
+            paper trains on 10 drawings per character: ``shots + train_queries = 10``).
         meta_batch_size: tasks per meta-batch (per device).
         train_tasks_per_epoch: training tasks in one epoch.
         val_tasks: size of the fixed validation task set.
@@ -169,6 +171,7 @@ class OmniglotDataModule(EpisodicDataModule):
         ways: int = 5,
         shots: int = 1,
         queries: int = 1,
+        train_queries: int | None = None,
         meta_batch_size: int = 32,
         train_tasks_per_epoch: int = 32_000,
         val_tasks: int = 600,
@@ -177,7 +180,8 @@ class OmniglotDataModule(EpisodicDataModule):
         seed: int = 0,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
+        super().__init__(ways=ways, shots=shots, queries=queries, train_queries=train_queries,
+                         meta_batch_size=meta_batch_size,
                          train_tasks_per_epoch=train_tasks_per_epoch, val_tasks=val_tasks, test_tasks=test_tasks,
                          root=root, download=download, seed=seed, num_workers=num_workers)
         owner = type(self).__name__

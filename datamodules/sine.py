@@ -61,7 +61,11 @@ class SineDataModule(TaskLoaders, L.LightningDataModule):
 
     Args:
         shots: support points per task (K of K-shot).
-        queries: query points per task.
+        queries: query points per task (of validation and test tasks, and of training tasks unless
+            ``train_queries`` is given).
+        train_queries: query points of training tasks (``None``: ``queries``). Reptile trains on all of
+            a task's points, and its paper's sine tasks have 50 (``shots + train_queries = 50``), while
+            the test tasks keep the protocol's ``shots`` and ``queries``.
         meta_batch_size: tasks per meta-batch (per device).
         train_tasks_per_epoch: training tasks in one epoch (epoch length = this / meta_batch_size steps).
         val_tasks: size of the fixed validation task set.
@@ -85,6 +89,7 @@ class SineDataModule(TaskLoaders, L.LightningDataModule):
         self,
         shots: int = 5,
         queries: int = 10,
+        train_queries: int | None = None,
         meta_batch_size: int = 25,
         train_tasks_per_epoch: int = 10_000,
         val_tasks: int = 200,
@@ -100,13 +105,24 @@ class SineDataModule(TaskLoaders, L.LightningDataModule):
         for name in ("shots", "queries", "meta_batch_size", "train_tasks_per_epoch", "val_tasks", "test_tasks"):
             check_int(owner, name, locals()[name])
         check_int(owner, "num_workers", num_workers, minimum=0)
+        if train_queries is not None:
+            check_int(owner, "train_queries", train_queries)
         self.save_hyperparameters()
-        self.shots, self.queries, self.meta_batch_size = shots, queries, meta_batch_size
+        self.shots, self.queries, self.train_queries, self.meta_batch_size = shots, queries, train_queries, meta_batch_size
         self.train_tasks_per_epoch, self.val_tasks, self.test_tasks = train_tasks_per_epoch, val_tasks, test_tasks
         self.ranges = {name: check_range(owner, name, value)
                        for name, value in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range))}
         self.seed, self.num_workers = seed, num_workers
 
     def tasks(self, split: str, length: int) -> SineTasks:
-        """The task set of ``split`` (``"train"``, ``"val"`` or ``"test"``) with ``length`` tasks."""
-        return SineTasks(split, length, self.shots, self.queries, self.seed, **self.ranges)
+        """The task set of ``split`` (``"train"``, ``"val"`` or ``"test"``) with ``length`` tasks.
+
+        Training tasks have ``train_queries`` query points if it is given.
+
+        Example:
+            >>> dm = SineDataModule(shots=5, queries=10, train_queries=45)
+            >>> [len(t) for t in dm.tasks("train", 1)[0]], [len(t) for t in dm.tasks("test", 1)[0]]
+            ([5, 5, 45, 45], [5, 5, 10, 10])
+        """
+        queries = self.train_queries if split == "train" and self.train_queries is not None else self.queries
+        return SineTasks(split, length, self.shots, queries, self.seed, **self.ranges)

@@ -165,10 +165,20 @@ def test_vmap_and_loop_agree(optimizer):
         x, y = torch.randn(2, 6, 1, generator=g), torch.randn(2, 6, 1, generator=g)
     reptile = Reptile(model, inner_lr=0.01, inner_steps=3, inner_optimizer=optimizer, batch_size=4)
     loop = reptile.meta_step(x, y, loss_fn, vectorize="loop", seeds=[5, 6])
+    loop_state = reptile.inner_state
+    reptile.reset_inner_state()  # both from the same (fresh) state
     vmapped = reptile.meta_step(x, y, loss_fn, vectorize="vmap", seeds=[5, 6])
     torch.testing.assert_close(vmapped.support_loss, loop.support_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vmapped.loss_after, loop.loss_after, rtol=1e-5, atol=1e-5)
     for name in loop.direction:
         torch.testing.assert_close(vmapped.direction[name], loop.direction[name], rtol=1e-4, atol=1e-6, msg=name)
+    if optimizer == "adam":  # the kept state: the tasks' mean final moments, 3 steps on
+        assert loop_state.step == reptile.inner_state.step == 3
+        for name in loop.direction:
+            torch.testing.assert_close(reptile.inner_state.exp_avg_sq[name], loop_state.exp_avg_sq[name],
+                                       rtol=1e-4, atol=1e-10, msg=name)
+    else:
+        assert loop_state is None and reptile.inner_state is None
     evaluation = [reptile.adapt_tasks(x, y, x, y, loss_fn, vectorize=v) for v in ("loop", "vmap")]
     torch.testing.assert_close(evaluation[1].query_loss, evaluation[0].query_loss, rtol=1e-5, atol=1e-5)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..methods.contract import Vectorize, check_positive_int, check_task_batch
-from ..methods.reptile import InnerOptimizer, Reptile
+from ..methods.reptile import AdamState, InnerOptimizer, Reptile
 from .base import MetaLearningModule, Task
 
 __all__ = ["ReptileLightningModule"]
@@ -23,16 +23,30 @@ class ReptileLightningModule(MetaLearningModule):
 
     A training step runs ``inner_steps`` steps of SGD or Adam from θ on every task of the meta-batch
     (on all of its examples: support and query sets together, as Reptile holds nothing out in
-    training), each task with a fresh optimiser state, then takes the outer step
+    training; the data modules' ``train_queries`` sizes these tasks apart from the test tasks), then
+    takes the outer step
     θ ← θ + ε · meanᵢ(θ̃ᵢ − θ) (the paper's Algorithm 2). That step is a gradient step with "gradient"
     θ − mean θ̃ and rate ε: the module hands this gradient to the configured optimiser (plain SGD
     with ε = 1 by default), and ε, the optimiser's learning rate, is annealed linearly to 0 over the
     run, as in the paper. Validation and test adapt on the support set with ``eval_inner_steps`` steps
     of the same inner optimiser and score the query set, as for Meta-SGD.
 
+    The inner Adam state is kept across tasks and meta-steps (``persistent_inner_state``, as the
+    paper's code, whose one Adam optimiser is never reset): after each training step it is the mean
+    over the meta-batch's tasks of their final moments, its step count advanced by ``inner_steps``
+    (:class:`~metasgd_lightning.methods.reptile.Reptile` says why). Evaluation starts each task from a
+    copy of it and leaves it as it is. Checkpoints carry it (``reptile_inner_state``), so a resumed run
+    takes the steps of one that never stopped and a loaded checkpoint evaluates as it did in training.
+
     Under DDP each rank trains its share of the meta-batch and DDP averages the gradients: the mean of
     the ranks' means over equal shares is the mean over all tasks, so W devices with meta-batch b take
-    the steps of one device with meta-batch W·b (``tests/test_ddp.py``).
+    the steps of one device with meta-batch W·b (``tests/test_ddp.py``). The kept Adam state is
+    averaged across the ranks the same way after each step, so it is the same on every rank.
+
+    The loss of each task's examples after its inner loop (``train/support_loss_after``) costs a
+    forward pass per task and only logging reads it: it is computed on the steps Lightning logs
+    (every ``log_every_n_steps``) alone. The progress bar shows ``train/support_loss_last_step``, the
+    loss of the last inner step's examples before that step, which is free.
 
     Args:
         model: the network to meta-learn (e.g. :class:`~metasgd_lightning.methods.models.ConvNet4`).
@@ -47,6 +61,8 @@ class ReptileLightningModule(MetaLearningModule):
         eval_inner_steps: inner steps at validation, test and prediction (default: ``inner_steps``;
             the paper: 50).
         eval_inner_batch_size: support examples per inner step at evaluation (``None``: all of them).
+        persistent_inner_state: keep the inner Adam state across tasks and meta-steps (above); ``False``:
+            a fresh state for every task. SGD has no state.
         anneal: anneal ε, the outer optimiser's learning rate, linearly to 0 over the run's training
             steps (``Trainer.estimated_stepping_batches``), the paper's schedule. A given
             ``lr_scheduler`` replaces it.
@@ -86,6 +102,7 @@ class ReptileLightningModule(MetaLearningModule):
         inner_batch_size: int | None = None,
         eval_inner_steps: int | None = None,
         eval_inner_batch_size: int | None = None,
+        persistent_inner_state: bool = True,
         anneal: bool = True,
         vectorize: Vectorize = "auto",
         gradient_clip_val: float | None = None,
@@ -97,7 +114,7 @@ class ReptileLightningModule(MetaLearningModule):
         check_positive_int("eval_inner_batch_size", eval_inner_batch_size, or_none=True)
         self._save_hyperparameters(inspect.currentframe(), model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.meta_learner = Reptile(model, inner_lr, inner_steps, inner_optimizer, inner_betas,
-                                    batch_size=inner_batch_size)
+                                    batch_size=inner_batch_size, persistent_state=persistent_inner_state)
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.eval_inner_batch_size = eval_inner_batch_size
         self.anneal = bool(anneal)
@@ -113,8 +130,11 @@ class ReptileLightningModule(MetaLearningModule):
         self._check_targets(support_y, query_y)
         # Reptile trains on all of a task's examples: no query set is held out in training.
         x, y = torch.cat([support_x, query_x], 1), torch.cat([support_y, query_y], 1)
-        step = self.meta_learner.meta_step(x, y, self.loss_fn, vectorize=self.vectorize, seeds=self._task_seeds(len(x)))
+        logged = self._logs_this_step()
+        step = self.meta_learner.meta_step(x, y, self.loss_fn, vectorize=self.vectorize, seeds=self._task_seeds(len(x)),
+                                           final_loss=logged)
         step.raise_if_not_finite(f"training (global step {self.global_step})")
+        self._average_inner_state_across_ranks()
         optimizer = self.optimizers()
         optimizer.zero_grad()
         # The outer update as a gradient: backpropagating Σ ⟨θ, d⟩ with d = θ − mean θ̃ held constant gives
@@ -124,18 +144,52 @@ class ReptileLightningModule(MetaLearningModule):
         self.manual_backward(sum((theta[name] * d).sum() for name, d in step.direction.items()))
         epsilon = float(optimizer.param_groups[0]["lr"])  # this step's ε, before the scheduler anneals it
         self._optimizer_step(optimizer)
-        after = step.support_loss[:, -1].mean()
+        last = step.support_loss[:, -1].mean()
+        after = {} if step.loss_after is None else {"train/support_loss_after": step.loss_after.mean()}
         self._log_training_step(
-            len(x), ("train/support_loss_after", after),
-            # The loss of each task's examples after its inner loop, and before it (on the first step's examples).
-            shown=lambda: {"train/support_loss_after": after},
+            len(x), ("train/support_loss_last_step", last),
+            # The loss of each task's examples after its inner loop (on logging steps), and before it (on the
+            # first step's examples).
+            shown=lambda: {"train/support_loss_last_step": last, **after},
             more=lambda: {
                 "train/support_loss_before": step.support_loss[:, 0].mean(),
                 "train/outer_step_norm": torch.linalg.vector_norm(torch.cat([d.flatten() for d in step.direction.values()])),
                 "train/meta_lr": epsilon,
             },
         )
-        return after
+        return last
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning will write this training step's metrics (asked before the step; the base's
+        ``_is_logging_step`` answers after it, when ``global_step`` has counted this batch)."""
+        trainer = self.trainer
+        every, coming = trainer.log_every_n_steps, self.global_step + 1
+        last = (0 < trainer.max_steps <= coming) or (
+            trainer.is_last_batch and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1)
+        return bool(every) and (coming % every == 0 or last or trainer.should_stop)
+
+    def _average_inner_state_across_ranks(self) -> None:
+        """Make the kept Adam state the mean over all ranks' tasks (each rank holds the mean over its equal share)."""
+        state = self.meta_learner.inner_state
+        if state is None or self.trainer.world_size == 1:
+            return
+        names = list(state.exp_avg_sq)
+        flat = torch.cat([state.exp_avg[n].flatten() for n in names] + [state.exp_avg_sq[n].flatten() for n in names])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        pieces = iter(flat.split([t.numel() for t in [*state.exp_avg.values(), *state.exp_avg_sq.values()]]))
+        state.exp_avg = {n: next(pieces).view_as(state.exp_avg[n]) for n in names}
+        state.exp_avg_sq = {n: next(pieces).view_as(state.exp_avg_sq[n]) for n in names}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = self.meta_learner.inner_state
+        if state is not None:  # plain tensors and an int: loadable with weights_only
+            checkpoint["reptile_inner_state"] = state.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("reptile_inner_state")
+        # A checkpoint from before the state was kept (or without Adam) starts a fresh one.
+        self.meta_learner.inner_state = None if saved is None else AdamState.from_state_dict(saved)
 
     def _task_seeds(self, tasks: int) -> list[int]:
         """The mini-batch seed of each task: a pure function of the step and of the task's place in the global meta-batch.
