@@ -21,20 +21,21 @@ from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 import datamodules  # noqa: F401  (registers the data modules for `--data`)
-from datamodules.downloads import DownloadError
 
+from .._internals.lightning_internals import TrainerCallbacksFilter
+from ._errors import TRACEBACK_VARIABLE, UserError, refused_arguments, show_tracebacks, user_error_message
 from ._module_class import names_module_class
 from ._parser import MetaSGDArgumentParser
 from ._quiet import silence_lightning_noise
 from ..training.callbacks import LearnedRateMonitor, MetaSGDCheckpoint
-from ..training.checkpointing import AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, resolve_resume_path
+from ..training.checkpointing import (AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, last_checkpoint,
+                                     resolve_resume_path)
 from ..training import MetaLearningModule, MetaSGDLightningModule
 from ..training.progress import MetaProgressBar
 from ..training.tensorboard_views import MetaTensorBoardLogger, TensorBoardViews
@@ -42,7 +43,7 @@ from ..training.tensorboard_views import MetaTensorBoardLogger, TensorBoardViews
 __all__ = ["MetaSGDCLI", "main"]
 
 
-class MetaSGDCLI(LightningCLI):
+class MetaSGDCLI(TrainerCallbacksFilter):
     """LightningCLI with Meta-SGD's defaults: gradients at evaluation, last and best checkpoints.
 
     Arguments that name the module's class (``model: {class_path: ...ReptileLightningModule}`` or
@@ -67,14 +68,32 @@ class MetaSGDCLI(LightningCLI):
         parser.add_lightning_class_args(LearnedRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(MetaProgressBar, "progress")
         parser.add_lightning_class_args(TensorBoardViews, "tensorboard")
+        # A second run into the same folder overwrites last.ckpt (and a best checkpoint of the same step) instead of
+        # writing last-v1.ckpt beside it: last.ckpt is always the newest run's, as the README's commands assume.
+        parser.set_defaults({"checkpoint.enable_version_counter": False})
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the model's settings from a given checkpoint first: refuse a broken one by name.
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the model's settings from a given checkpoint next: refuse a missing or broken one by name.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file() and not checkpoint_is_intact(path):
+        if not path or str(path) in ("last", "best", "hpc", "registry") or "://" in str(path):
+            return
+        if not Path(path).is_file():
+            where = "a folder, not a checkpoint file" if Path(path).is_dir() else "no such file"
+            raise UserError(f"--ckpt_path {path}: {where}. Give a .ckpt file written by `metasgd fit` (e.g. "
+                            "runs/<name>/checkpoints/last.ckpt), or `last` for the newest in the run's checkpoint folder.")
+        if not checkpoint_is_intact(path):
             raise CheckpointCorruptError(path)
-        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as error:  # noqa: BLE001 - a constructor's refusal of its arguments, else re-raised as is
+            refused = refused_arguments(error)
+            if refused is None:
+                raise
+            raise refused from error
 
     def before_instantiate_classes(self) -> None:
         # Checkpoints go where the run goes: <default_root_dir>/checkpoints (the working folder without one),
@@ -97,21 +116,51 @@ class MetaSGDCLI(LightningCLI):
             trainer.logger = MetaTensorBoardLogger(save_dir=trainer.default_root_dir, version=SLURMEnvironment.job_id())
         return trainer
 
-    def _instantiate_trainer(self, config, callbacks):
+    def trainer_callbacks(self, config, callbacks):
         # The progress bar of `--progress.*` gives way to `enable_progress_bar: false` and to a progress bar
         # callback of the config's own.
         given = config.get("callbacks") or []
         own = [c for c in (given if isinstance(given, list) else [given]) if isinstance(c, ProgressBar)]
         if config.get("enable_progress_bar") is False or own:
             callbacks = [c for c in callbacks if not isinstance(c, MetaProgressBar)]
-        return super()._instantiate_trainer(config, callbacks)
+        return callbacks
 
     def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
         # `--ckpt_path last` finds the newest last*.ckpt in the checkpoint folder (or starts fresh, saying so),
         # and a truncated or corrupt file is refused before any process or worker starts.
         checkpoint = self.trainer.checkpoint_callback
         folder = getattr(checkpoint, "dirpath", None)
+        if isinstance(checkpoint, MetaSGDCheckpoint):
+            checkpoint.watch_signals(self.trainer)  # a stop signal during data set-up stops the run too
+        if ckpt_path is None and folder is not None and last_checkpoint(folder) is not None:
+            # A fresh run into a folder with an earlier run's checkpoints: say what happens to them.
+            _say(f"metasgd fit: {folder} already holds checkpoints of an earlier run; this run starts from scratch and "
+                 "overwrites last.ckpt. To continue that run instead, add --ckpt_path last; to keep both, give this "
+                 "run another --trainer.default_root_dir.")
         self.trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_resume_path(ckpt_path, folder), **kwargs)
+
+    def validate(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        path = self._evaluated_checkpoint("validate", ckpt_path)
+        return self.trainer.validate(model, datamodule=datamodule, ckpt_path=path, **kwargs)
+
+    def test(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        path = self._evaluated_checkpoint("test", ckpt_path)
+        return self.trainer.test(model, datamodule=datamodule, ckpt_path=path, **kwargs)
+
+    def _evaluated_checkpoint(self, command: str, ckpt_path):
+        """The checkpoint ``validate``/``test`` score: ``last`` found in the run's folder; none said plainly."""
+        folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        if ckpt_path is None:
+            _say(f"metasgd {command}: no --ckpt_path, so this scores the untrained model (its initial weights). To "
+                 f"score a trained one, add --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last).")
+            return None
+        if str(ckpt_path) == "last":
+            found = last_checkpoint(folder) if folder is not None else None
+            if found is None:
+                raise UserError(f"--ckpt_path last: no checkpoint in {folder or 'the checkpoint folder'}. Give the run's "
+                                "--trainer.default_root_dir (or --checkpoint.dirpath), or a .ckpt file.")
+            return resolve_resume_path(str(found), folder)
+        return resolve_resume_path(ckpt_path, folder)
 
     def after_fit(self) -> None:
         trainer, module = self.trainer, self.trainer.lightning_module
@@ -128,6 +177,11 @@ class MetaSGDCLI(LightningCLI):
 
     def after_test(self) -> None:
         _print_summary(self.trainer, "test")
+
+
+@rank_zero_only
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 @rank_zero_only
@@ -190,8 +244,23 @@ COMMANDS = {
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``metasgd`` console script and ``python -m metasgd_lightning``."""
+    """Entry point of the ``metasgd`` console script and ``python -m metasgd_lightning``.
+
+    A user's mistake ends in one line, ``metasgd <command>: <what is wrong>``, and exit status 1; a bug of
+    ours keeps its traceback. ``METASGD_TRACEBACK=1`` shows the traceback of user errors too.
+    """
     argv = sys.argv[1:] if args is None else args
+    command = f"metasgd {argv[0]}" if argv[:1] and argv[0] in (*COMMANDS, *MetaSGDCLI.subcommands()) else "metasgd"
+    try:
+        _main(argv, args)
+    except Exception as error:  # noqa: BLE001 - a user's mistake in one line; anything else re-raised
+        message = user_error_message(error)
+        if message is None or show_tracebacks():
+            raise
+        raise SystemExit(f"{command}: {message}") from None
+
+
+def _main(argv: list[str], args: list[str] | None) -> None:
     if argv[:1] and argv[0] in COMMANDS:  # not a Trainer command: use a checkpoint
         module_name, function = COMMANDS[argv[0]]
         run = getattr(importlib.import_module(module_name, __package__), function)
@@ -200,23 +269,20 @@ def main(args: list[str] | None = None) -> None:
             raise SystemExit(code)
         return None
     silence_lightning_noise()
-    try:
-        MetaSGDCLI(
-            MetaSGDLightningModule,
-            LightningDataModule,
-            subclass_mode_data=True,
-            # Meta-SGD adapts with gradients at validation and test too.
-            trainer_defaults={"inference_mode": False},
-            save_config_kwargs={"overwrite": True},
-            # Whole option names only (no prefixes), unknown ones named in one line; `metasgd` in usage lines
-            # also under `python -m metasgd_lightning`.
-            parser_class=MetaSGDArgumentParser,
-            parser_kwargs={"prog": "metasgd", "description": "Meta-SGD, MAML and Reptile with PyTorch Lightning.",
-                           "epilog": "Commands on a checkpoint, each with --help: " + ", ".join(COMMANDS) + "."},
-            args=args,
-        )
-    except (CheckpointCorruptError, DownloadError) as error:  # named and explained: no traceback
-        raise SystemExit(f"metasgd: {error}") from None
+    MetaSGDCLI(
+        MetaSGDLightningModule,
+        LightningDataModule,
+        subclass_mode_data=True,
+        # Meta-SGD adapts with gradients at validation and test too.
+        trainer_defaults={"inference_mode": False},
+        save_config_kwargs={"overwrite": True},
+        # Whole option names only (no prefixes), unknown ones named in one line; `metasgd` in usage lines
+        # also under `python -m metasgd_lightning`.
+        parser_class=MetaSGDArgumentParser,
+        parser_kwargs={"prog": "metasgd", "description": "Meta-SGD, MAML and Reptile with PyTorch Lightning.",
+                       "epilog": "Commands on a checkpoint, each with --help: " + ", ".join(COMMANDS) + "."},
+        args=args,
+    )
 
 
 if __name__ == "__main__":
