@@ -20,8 +20,14 @@ $(STAMP): pyproject.toml tools/build_learn2learn.sh
 demo: install
 	$(BIN)/metasgd fit --config configs/sine_5shot.yaml
 
+# The linter first (well under a second), then the suite on TEST_WORKERS processes (pytest-xdist; one per core, at most
+# 4). --dist loadgroup keeps the tests that share a module's fitted run on one worker (tests/conftest.py). One process:
+# make test TEST_WORKERS=0
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) $(WHEELS) runs

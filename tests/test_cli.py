@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, run_cli
+from conftest import REPO, once_per_session, run_cli
 from metasgd_lightning import MetaSGDLightningModule, SineMLP
 
 SMALL = ["--data.meta_batch_size", "4", "--data.train_tasks_per_epoch", "400", "--data.val_tasks", "8",
@@ -31,10 +31,9 @@ def _scalars(log_dir):
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("cli")
-    return tmp_path, _fit(tmp_path, "--lr_monitor.every_n_steps", "3")
+    return once_per_session(tmp_path_factory, "cli", lambda tmp_path: (tmp_path, _fit(tmp_path, "--lr_monitor.every_n_steps", "3")))
 
 
 def test_fit_logs_to_tensorboard_and_checkpoints(trained):

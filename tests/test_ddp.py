@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import once_per_session
 from datamodules.sampling import FixedTaskSampler, TaskIndexSampler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,21 +52,27 @@ def _assert_weights_close(actual: dict, expected: dict, atol: float = 1e-5) -> N
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=atol, msg=name)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single(tmp_path_factory):
     """One process, meta-batch 4, five steps (tasks 0-3, 4-7, 8-11 in epoch 0; 12-15, 16-19 in epoch 1)."""
-    out = tmp_path_factory.mktemp("single")
-    _run(out, "--devices", "1", "--meta-batch-size", "4", "--max-steps", "5")
-    (record,) = _records(out, 1)
-    return record
+
+    def make(out: Path) -> dict:
+        _run(out, "--devices", "1", "--meta-batch-size", "4", "--max-steps", "5")
+        (record,) = _records(out, 1)
+        return record
+
+    return once_per_session(tmp_path_factory, "ddp-single", make)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ddp(tmp_path_factory):
     """Two processes, meta-batch 2 each, three steps, a checkpoint after every step."""
-    out = tmp_path_factory.mktemp("ddp")
-    _run(out, "--devices", "2", "--meta-batch-size", "2", "--max-steps", "3", "--save-ckpt")
-    return out, _records(out, 2)
+
+    def make(out: Path) -> tuple[Path, list[dict]]:
+        _run(out, "--devices", "2", "--meta-batch-size", "2", "--max-steps", "3", "--save-ckpt")
+        return out, _records(out, 2)
+
+    return once_per_session(tmp_path_factory, "ddp-two-processes", make)
 
 
 # -- the samplers alone ------------------------------------------------------------------------------

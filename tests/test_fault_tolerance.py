@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import fixtures_episodic as fx
+from conftest import once_per_session
 from datamodules import ImageFolderDataModule, SineDataModule
 from datamodules.episodic import ImageReadError
 from datamodules.sampling import TaskDataLoader, TaskIndexSampler
@@ -83,13 +84,17 @@ def _assert_same_training_state(actual: dict, expected: dict, exact: bool = True
     assert (loader["epoch"], loader["start"]) == (1, 16)  # epoch 2, after its 4th step of 4 tasks
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     """The run that never stops, started with ``--ckpt_path last`` in an empty folder."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    run.mkdir()
-    proc = _ok(_fit(run, "--ckpt_path", "last"))
-    return run, proc, _load(run / "ckpt" / "last.ckpt")
+
+    def make(folder: Path):
+        run = folder / "run"
+        run.mkdir()
+        proc = _ok(_fit(run, "--ckpt_path", "last"))
+        return run, proc, _load(run / "ckpt" / "last.ckpt")
+
+    return once_per_session(tmp_path_factory, "fault-tolerance-reference", make)
 
 
 def test_a_run_stopped_by_max_steps_inside_its_second_epoch_saves_that_step(reference):
