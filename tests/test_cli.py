@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO, once_per_session, run_cli
 from metasgd_lightning import MetaSGDLightningModule, SineMLP
+from metasgd_lightning.commands.cli import main
 
 SMALL = ["--data.meta_batch_size", "4", "--data.train_tasks_per_epoch", "400", "--data.val_tasks", "8",
          "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1", "--trainer.enable_model_summary", "false"]
@@ -146,18 +147,30 @@ def test_unknown_config_key_is_named(tmp_path):
     assert proc.returncode != 0 and "inner_stepz" in proc.stderr
 
 
+def _in_process(capsys, monkeypatch, tmp_path, *args: str) -> str:
+    """``metasgd ARGS`` by its entry point in this process (no interpreter start-up): what a command that only
+    prints and exits writes to standard output. The other tests here run the real command in a subprocess."""
+    monkeypatch.setattr("sys.argv", ["metasgd"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    assert exit_.value.code in (0, None)
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("config", ["sine_5shot", "sine_10shot", "sine_20shot"])
-def test_configs_parse(config, tmp_path):
-    proc = run_cli("fit", "--config", str(REPO / "configs" / f"{config}.yaml"), "--print_config", cwd=tmp_path)
+def test_configs_parse(config, tmp_path, capsys, monkeypatch):
+    out = _in_process(capsys, monkeypatch, tmp_path, "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
+                      "--print_config")
     shots = config.removeprefix("sine_").removesuffix("shot")
-    assert "class_path: datamodules.SineDataModule" in proc.stdout and f"shots: {shots}" in proc.stdout
-    assert "inference_mode: false" in proc.stdout
+    assert "class_path: datamodules.SineDataModule" in out and f"shots: {shots}" in out
+    assert "inference_mode: false" in out
 
 
-def test_help_lists_the_meta_sgd_arguments(tmp_path):
-    proc = run_cli("fit", "--help", cwd=tmp_path)
+def test_help_lists_the_meta_sgd_arguments(tmp_path, capsys, monkeypatch):
+    out = _in_process(capsys, monkeypatch, tmp_path, "fit", "--help")
     for arg in ("--model.init_lr", "--model.inner_steps", "--model.first_order", "--model.learn_lr", "--checkpoint.monitor"):
-        assert arg in proc.stdout
+        assert arg in out
 
 
 def test_a_run_stopped_mid_epoch_still_reports_a_final_validation(tmp_path):
