@@ -96,7 +96,7 @@ def test_a_failed_download_into_a_missing_root_ends_in_one_message(tmp_path, mon
         main(["fit", "--config", str(REPO / "configs/omniglot_5way_1shot.yaml"), "--data.root", str(root),
               "--data.num_workers", "0", "--trainer.default_root_dir", str(tmp_path / "run")])
     message = str(exit_.value.code)
-    assert message.startswith("metasgd: Downloading Omniglot") and "network unreachable" in message
+    assert message.startswith("metasgd fit: Downloading Omniglot") and "network unreachable" in message
     assert f"The data folder {root} did not exist before this run" in message
     assert f"the data folder {root} does not exist" in capsys.readouterr().err  # said before the download
     assert not (tmp_path / "dta").exists()

@@ -26,7 +26,10 @@ class _DropMessages(logging.Filter):
 
 
 def silence_lightning_noise() -> None:
-    """Drop Lightning's litlogger advertisement and a torch pytree deprecation warning it triggers."""
+    """Drop Lightning's litlogger advertisement, its no-GPU and seed lines, and a torch pytree deprecation warning."""
+    # "GPU available: False" and "TPU available: False" on every CPU run, and "Seed set to 0": noise, and lines
+    # before a user error's one line (the seed is in the run's config.yaml; GPU lines that say True stay).
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropMessages("litlogger"))
+        logging.getLogger(name).addFilter(_DropMessages("litlogger", "GPU available: False", "TPU available: False"))
+    logging.getLogger("lightning.fabric.utilities.seed").addFilter(_DropMessages("Seed set to"))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")

@@ -29,16 +29,21 @@ from lightning.pytorch.utilities import rank_zero_only
 import datamodules  # noqa: F401  (registers the data modules for `--data`)
 
 from .._internals.lightning_internals import TrainerCallbacksFilter
-from ._errors import TRACEBACK_VARIABLE, UserError, refused_arguments, show_tracebacks, user_error_message
+from ..training import MetaLearningModule, MetaSGDLightningModule
+from ..training.callbacks import LearnedRateMonitor, MetaSGDCheckpoint
+from ..training.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointCorruptError,
+    checkpoint_is_intact,
+    last_checkpoint,
+    resolve_resume_path,
+)
+from ..training.progress import MetaProgressBar
+from ..training.tensorboard_views import MetaTensorBoardLogger, TensorBoardViews
+from ._errors import UserError, refused_arguments, show_tracebacks, user_error_message
 from ._module_class import names_module_class
 from ._parser import MetaSGDArgumentParser
 from ._quiet import silence_lightning_noise
-from ..training.callbacks import LearnedRateMonitor, MetaSGDCheckpoint
-from ..training.checkpointing import (AtomicCheckpointIO, CheckpointCorruptError, checkpoint_is_intact, last_checkpoint,
-                                     resolve_resume_path)
-from ..training import MetaLearningModule, MetaSGDLightningModule
-from ..training.progress import MetaProgressBar
-from ..training.tensorboard_views import MetaTensorBoardLogger, TensorBoardViews
 
 __all__ = ["MetaSGDCLI", "main"]
 

@@ -29,7 +29,7 @@ import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -41,6 +41,7 @@ from datamodules.episodic import EpisodicDataModule
 from datamodules.images import FileImages
 from datamodules.preprocessing import ImageTransform
 
+from .._internals.lightning_internals import recorded_class_path
 from ..training import MetaLearningModule, MetaSGDLightningModule, ReptileLightningModule
 from ..training.base import CHECKPOINT_CLASS_KEY
 from ..training.checkpointing import checkpoint_is_intact, foreign_format
@@ -105,7 +106,7 @@ def checkpoint_module_class(checkpoint: dict, origin: object = "The checkpoint")
 
     In order: the class the checkpoint records (``checkpoint["meta_learning_module"]``, written by
     :class:`~metasgd_lightning.MetaLearningModule`); the class the ``metasgd`` command stored in its
-    hyperparameters (``_class_path``: a config that named its class); for older checkpoints, inferred:
+    hyperparameters (a config that named its class); for older checkpoints, inferred:
     Reptile's hyperparameters have ``inner_optimizer``, and a Meta-SGD checkpoint (or MAML's, then
     ``learn_lr=False``) has rates ``meta_learner.lrs.*``. A recorded name resolves only to a subclass of
     :class:`~metasgd_lightning.MetaLearningModule` in a module already imported (or in this package): a
@@ -127,7 +128,7 @@ def checkpoint_module_class(checkpoint: dict, origin: object = "The checkpoint")
     hparams = checkpoint.get("hyper_parameters")
     hparams = hparams if isinstance(hparams, dict) else {}
     for source, recorded in ((f"records its module class ({CHECKPOINT_CLASS_KEY})", checkpoint.get(CHECKPOINT_CLASS_KEY)),
-                             ("names its module class in its hyperparameters (_class_path)", hparams.get("_class_path"))):
+                             ("names its module class in its hyperparameters (LightningCLI's class_path)", recorded_class_path(hparams))):
         if recorded is None:
             continue
         cls = _resolve_module_class(recorded)
@@ -275,7 +276,7 @@ def checkpoint_transform(source: MetaLearningModule | str | Path, split: str = "
     """
     origin, task = _origin_and_task(source)
     if task == "regression":
-        class_path = _recorded_datamodule(source).get("_class_path", "values")
+        class_path = recorded_class_path(_recorded_datamodule(source)) or "values"
         raise ValueError(f"{origin} is a regression checkpoint (meta-trained on {class_path}, e.g. sine curves): it "
                          "predicts numbers, not classes, so it cannot classify images. Give a checkpoint of an image "
                          "classification config (e.g. configs/omniglot_5way_1shot.yaml), or adapt this one with "
@@ -307,7 +308,7 @@ def checkpoint_datamodule(source: MetaLearningModule | str | Path, base: type = 
     hparams = _recorded_datamodule(source)
     if not hparams:
         raise ValueError(f"{origin} records no data module, so how its training data was prepared is unknown. {fix}")
-    class_path = hparams.pop("_class_path", None)
+    class_path = recorded_class_path(hparams, pop=True)
     if class_path is None:
         raise ValueError(f"{origin} records its data module's arguments but not its class (it was not written by "
                          f"`metasgd fit`). {fix}")
@@ -329,7 +330,7 @@ def checkpoint_datamodule(source: MetaLearningModule | str | Path, base: type = 
 
 
 def _recorded_datamodule(source: MetaLearningModule | str | Path) -> dict:
-    """A copy of the data module settings a checkpoint records (``_class_path`` included), or {}."""
+    """A copy of the data module settings a checkpoint records (their class included), or {}."""
     if isinstance(source, (str, Path)):
         hparams = _read_checkpoint(Path(source)).get("datamodule_hyper_parameters")
     else:

@@ -14,21 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._internals.torch_internals import functorch_transform_active
 from .contract import check_positive_int
 
 __all__ = ["SineMLP", "ConvNet4", "TaskBatchNorm2d", "channels_last_on_cpu", "functorch_transform_active"]
-
-
-def functorch_transform_active() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running; ``True`` if torch cannot say.
-
-    torch has no public way to ask this. This function is the one place that uses torch's private
-    ``torch._C._are_functorch_transforms_active``; ``tests/test_third_party_internals.py`` fails if a
-    torch release removes or changes it. Without it, :class:`TaskBatchNorm2d` takes its plain-ops path
-    everywhere: still correct, a little slower.
-    """
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return True if active is None else bool(active())
 
 
 class TaskBatchNorm2d(nn.Module):

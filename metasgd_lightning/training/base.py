@@ -24,15 +24,21 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from .._internals.lightning_internals import built_by_cli, mark_as_cli_config
 from ..methods.contract import InnerLoopDivergedError, TaskBatchResult, Vectorize, check_task_batch
 from .metrics import TaskMeanCI, task_accuracy
 
-__all__ = ["CHECKPOINT_CLASS_KEY", "MetaLearningModule", "Task", "check_positive_or_none"]
+__all__ = ["CHECKPOINT_CLASS_KEY", "MetaLearningModule", "SetupError", "Task", "check_positive_or_none"]
 
 Task = Literal["classification", "regression"]
 
 #: The checkpoint entry naming the module class that wrote it, ``"<module>.<qualname>"``.
 CHECKPOINT_CLASS_KEY = "meta_learning_module"
+
+
+class SetupError(ValueError):
+    """Pieces of a run that do not fit together (data and model, a checkpoint and the method); the message says
+    which, what was given and what to change. The ``metasgd`` command prints it in one line."""
 
 
 def _regression_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -47,7 +53,7 @@ def _regression_loss(output: Tensor, target: Tensor) -> Tensor:
 _NOT_A_CONFIG = object()
 
 
-def _class_path(cls: type) -> str:
+def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -57,11 +63,11 @@ def _as_config(obj: object) -> object:
         return None
     if isinstance(obj, nn.Module):
         init_args = getattr(obj, "init_args", None)
-        return {"class_path": _class_path(type(obj)), "init_args": dict(init_args)} if isinstance(init_args, dict) else _NOT_A_CONFIG
+        return {"class_path": _qualified_name(type(obj)), "init_args": dict(init_args)} if isinstance(init_args, dict) else _NOT_A_CONFIG
     if isinstance(obj, type):
-        return {"class_path": _class_path(obj)}
+        return {"class_path": _qualified_name(obj)}
     if isinstance(obj, functools.partial) and isinstance(obj.func, type) and not obj.args:
-        return {"class_path": _class_path(obj.func), "init_args": dict(obj.keywords)}
+        return {"class_path": _qualified_name(obj.func), "init_args": dict(obj.keywords)}
     return _NOT_A_CONFIG
 
 
@@ -325,7 +331,7 @@ class MetaLearningModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Which class wrote the checkpoint, so that inference.load_meta_learner rebuilds the same one
         # (a plain string: weights_only loading reads it). A subclass that overrides this calls super().
-        checkpoint[CHECKPOINT_CLASS_KEY] = _class_path(type(self))
+        checkpoint[CHECKPOINT_CLASS_KEY] = _qualified_name(type(self))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Name the first mismatch instead of load_state_dict's wall of text.
@@ -361,13 +367,13 @@ class MetaLearningModule(L.LightningModule):
         rebuilds them with ``weights_only`` loading, the safe default. Objects that cannot be described
         (a model without recorded ``init_args``, a lambda) stay as they are, pickled.
         """
-        if "_instantiator" in self.hparams:  # built by the CLI: already configs
+        if built_by_cli(self.hparams):  # already configs
             return
         configs = {name: _as_config(obj) for name, obj in objects.items()}
         if any(config is _NOT_A_CONFIG for config in configs.values()):
             return
         self.hparams.update(configs)
-        self.hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
+        mark_as_cli_config(self.hparams)
 
     def _check_targets(self, support_y: Tensor, query_y: Tensor) -> None:
         if self.task == "classification":
