@@ -4,6 +4,52 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.cli import LightningCLI
+
+# -- LightningCLI's hyperparameter keys -------------------------------------------------------------------------------
+# A module built by LightningCLI stores, among its hyperparameters, the function that rebuilds it ("_instantiator")
+# and, in subclass mode, its class ("_class_path"); `load_from_checkpoint` and LightningCLI's `--ckpt_path` read them.
+# The keys are LightningCLI's private convention (lightning.pytorch.cli, core/saving.py), not a documented API.
+
+_CLASS_PATH_KEY = "_class_path"
+_INSTANTIATOR_KEY = "_instantiator"
+_CLI_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def recorded_class_path(hparams: dict, *, pop: bool = False) -> str | None:
+    """The class LightningCLI recorded in a module's (or data module's) hyperparameters, or None; ``pop`` removes it."""
+    return hparams.pop(_CLASS_PATH_KEY, None) if pop else hparams.get(_CLASS_PATH_KEY)
+
+
+def built_by_cli(hparams: dict) -> bool:
+    """Whether the hyperparameters are LightningCLI's configs (the module was instantiated by it)."""
+    return _INSTANTIATOR_KEY in hparams
+
+
+def mark_as_cli_config(hparams: dict) -> None:
+    """Have ``load_from_checkpoint`` rebuild the ``class_path`` configs in ``hparams`` as LightningCLI's do."""
+    hparams[_INSTANTIATOR_KEY] = _CLI_INSTANTIATOR
+
+
+# -- LightningCLI's trainer callbacks ----------------------------------------------------------------------------------
+
+
+class TrainerCallbacksFilter(LightningCLI):
+    """LightningCLI whose :meth:`trainer_callbacks` may drop callbacks of ``add_lightning_class_args`` groups.
+
+    LightningCLI hands those callbacks to the Trainer in its private ``_instantiate_trainer(config,
+    callbacks)``, with no public hook to leave one out (e.g. our progress bar when the config sets
+    ``enable_progress_bar: false``, which the Trainer would refuse beside a progress bar callback).
+    """
+
+    def trainer_callbacks(self, config: dict[str, Any], callbacks: list) -> list:
+        """The callbacks of the ``add_lightning_class_args`` groups the Trainer gets (override; default: all)."""
+        return callbacks
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list):
+        return super()._instantiate_trainer(config, self.trainer_callbacks(config, callbacks))
+
+
 
 # -- ModelCheckpoint and the training loop (used by training/callbacks.py) ---------------------------------------------
 # MetaSGDCheckpoint writes last.ckpt at times of its own (every n steps or minutes, on a stop signal) through
