@@ -84,7 +84,7 @@ def test_sine_training_then_validation_then_testing(tmp_path):
     assert f"Stopped by SIGUSR1 at step 3: saved {last}." in out and _step(last) == 3
     # Resumed, then SIGTERM in the validation at the end of epoch 1 (step 6): abandoned at its next batch.
     out = _stopped(_run(run, "fit", *SINE, "--ckpt_path", "last", _signal_in("validation", "SIGTERM")), "SIGTERM")
-    assert f"Restoring states from the checkpoint path at {last}" in out
+    assert f"Restoring states from the checkpoint path at {last}" in out and f"Resumed from {last} at step 3." in out
     assert f"Stopped by SIGTERM at step 6 (the validation in progress was abandoned): saved {last}." in out
     assert "validation at step 6 done" not in out and _step(last) == 6
     # A resume goes on to the end.
@@ -95,21 +95,30 @@ def test_sine_training_then_validation_then_testing(tmp_path):
     assert "Stopped by SIGTERM during testing: no result, and nothing to save" in out and _step(last) == 12
 
 
-def test_images_with_workers_group_signals_in_validation_training_and_sanity_check(tmp_path):
+def test_images_with_workers_group_signals_in_sanity_check_validation_and_training(tmp_path):
     run, last = tmp_path / "run", tmp_path / "run" / "ckpt" / "last.ckpt"
     images = _images(tmp_path)
-    # SIGTERM to the whole group (the workers too) during the first validation (step 4, epoch 1).
+    # SIGUSR1 to the group (the workers too) in the sanity check: stops at once, nothing to save.
+    out = _stopped(_run(run, "fit", *images, _signal_in("sanity", "SIGUSR1", group=True)), "SIGUSR1")
+    assert "Stopped by SIGUSR1 during the sanity check at step 0: nothing trained yet" in out and not last.exists()
+    # SIGTERM to the group during the first validation (step 4, epoch 1): abandoned, step 4 saved.
     out = _stopped(_run(run, "fit", *images, "--trainer.num_sanity_val_steps", "0",
                         _signal_in("validation", "SIGTERM", group=True)), "SIGTERM")
-    assert f"Stopped by SIGTERM at step 4" in out and f"saved {last}." in out
+    assert "Stopped by SIGTERM at step 4" in out and f"saved {last}." in out
     assert "exited unexpectedly" not in out and _step(last) == 4
     # The resume says where it starts; Ctrl-C to the group inside step 6.
     out = _stopped(_run(run, "fit", *images, "--ckpt_path", "last", "--trainer.num_sanity_val_steps", "0",
                         _signal_in("train", "SIGINT", group=True, step=6)), "SIGINT")
-    assert f"Restoring states from the checkpoint path at {last}" in out
+    assert f"Resumed from {last} at step 4." in out
     assert f"Stopped by SIGINT at step 6: saved {last}." in out and _step(last) == 6
-    # SIGUSR1 to the group in the sanity check of a resumed run: nothing new trained, last.ckpt left as it was.
-    out = _stopped(_run(run, "fit", *images, "--ckpt_path", "last", _signal_in("sanity", "SIGUSR1", group=True)),
-                   "SIGUSR1")
-    assert f"Stopped by SIGUSR1 during the sanity check at step 6: nothing trained since, so {last} is left" in out
-    assert _step(last) == 6
+
+
+def test_a_note_when_threads_and_other_work_need_more_cores_than_there_are():
+    from metasgd_lightning.training.progress import oversubscription_note
+
+    note = oversubscription_note(threads=2, load=5.0, cores=2)
+    assert note.startswith("Note: other work keeps about 4 of this machine's 2 cores busy and torch uses 2 threads")
+    assert "OMP_NUM_THREADS=1" in note
+    assert oversubscription_note(threads=1, load=5.0, cores=2) is None  # one thread: nothing to say
+    assert oversubscription_note(threads=2, load=1.2, cores=2) is None  # only this run is busy
+    assert oversubscription_note(threads=8, load=3.0, cores=16) is None  # room for both

@@ -103,6 +103,9 @@ class MetaSGDCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         self._last_save_time = time.monotonic()
         self._enter(trainer, "training")
+        if trainer.ckpt_path and self._speaks:
+            # Printed, not logged: Lightning's "Restoring states ..." log line does not reach every run's output.
+            print(f"Resumed from {trainer.ckpt_path} at step {trainer.global_step}.", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -17,12 +17,14 @@ steps or ``line_every_seconds`` seconds instead::
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from typing import Any
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+import torch
 from torch import Tensor
 
 __all__ = ["MetaProgressBar"]
@@ -99,6 +101,9 @@ class MetaProgressBar(TQDMProgressBar):
         super().on_train_start(trainer, pl_module)
         self._window, self._last_line = (time.monotonic(), 0), (time.monotonic(), trainer.global_step)
         self._train_start, self._eval_seconds, self._tasks_total = time.monotonic(), 0.0, 0
+        note = oversubscription_note() if trainer.is_global_zero and trainer.strategy.root_device.type == "cpu" else None
+        if note:
+            print(note, file=sys.stderr, flush=True)
         if self.lines and self.is_enabled:
             total = self._total_steps(trainer)
             of = f" of {total}" if total else ""
@@ -213,6 +218,29 @@ class MetaProgressBar(TQDMProgressBar):
 
     def _print(self, line: str) -> None:
         print(line, file=sys.stdout, flush=True)
+
+
+def oversubscription_note(threads: int | None = None, load: float | None = None, cores: int | None = None) -> str | None:
+    """One line when torch's intra-op threads and the machine's other work need more cores than there are, else None.
+
+    On a shared CPU, threads that wait for a core busy with other work make each step wait for the slowest:
+    Omniglot training measured several times slower than with one thread (docs/results.md, "Intra-op threads").
+    ``load`` is the 1-minute load average, which counts this process (about one core) too.
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
+        if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # Windows
+            return None
+    others = max(load - 1.0, 0.0)
+    if threads <= 1 or others < 1.0 or others + threads <= cores:
+        return None
+    return (f"Note: other work keeps about {others:.0f} of this machine's {cores} cores busy and torch uses {threads} "
+            "threads; on a shared CPU that can make training several times slower. Try OMP_NUM_THREADS=1 (README: "
+            "\"Threads on shared machines\").")
 
 
 def _tasks_in(batch: Any) -> int:
