@@ -37,3 +37,37 @@ def test_task_batch_norm_takes_the_native_kernel_only_outside_transforms(monkeyp
     batched = torch.func.vmap(norm)(x[None])[0]
     assert calls == [1]  # under vmap: plain tensor ops
     torch.testing.assert_close(plain, batched)
+
+
+# -- ModelCheckpoint and the fit loop (metasgd_lightning.training.callbacks) -------------------------------------------
+
+
+def test_model_checkpoint_internals_that_last_ckpt_relies_on(tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from metasgd_lightning._internals import lightning_internals as li
+
+    for name in ("_monitor_candidates", "_save_last_checkpoint", "_update_best_and_save", "_last_global_step_saved"):
+        assert hasattr(ModelCheckpoint(), name), f"ModelCheckpoint.{name} is gone: update lightning_internals"
+    callback = ModelCheckpoint(dirpath=tmp_path, save_last=True, monitor=None)
+    li.reset_checkpoint_monitor(callback, dirpath=tmp_path, save_last=True, monitor="valid_loss", mode="max")
+    assert (callback.monitor, callback.mode, float(callback.kth_value)) == ("valid_loss", "max", float("-inf"))
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 2:
+                assert li.training_batch_progress(trainer).current.ready == 2
+                assert "step" in li.monitor_candidates(callback, trainer)
+                li.save_last_checkpoint(callback, trainer)
+                assert callback._last_global_step_saved != 2  # the mark is put back: validation may still rank
+
+    trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Probe(), callback], default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    assert (tmp_path / "last.ckpt").is_file() and callback.last_model_path == str(tmp_path / "last.ckpt")
+    trainer.callback_metrics["valid_loss"] = torch.tensor(0.5)
+    li.rank_and_save(callback, trainer, torch.tensor(0.5))
+    assert callback.best_model_path and float(callback.best_model_score) == 0.5
+    assert callable(getattr(trainer, "_teardown", None)), "Trainer._teardown is gone: update teardown_trainer"

@@ -239,8 +239,8 @@ def oversubscription_note(threads: int | None = None, load: float | None = None,
     if threads <= 1 or others < 1.0 or others + threads <= cores:
         return None
     return (f"Note: other work keeps about {others:.0f} of this machine's {cores} cores busy and torch uses {threads} "
-            "threads; on a shared CPU that can make training several times slower. Try OMP_NUM_THREADS=1 (README: "
-            "\"Threads on shared machines\").")
+            "threads; on a shared CPU that can make training several times slower. Try OMP_NUM_THREADS=1 (README, "
+            "\"Long runs\").")
 
 
 def _tasks_in(batch: Any) -> int:
