@@ -33,3 +33,5 @@ def silence_lightning_noise() -> None:
         logging.getLogger(name).addFilter(_DropMessages("litlogger", "GPU available: False", "TPU available: False"))
     logging.getLogger("lightning.fabric.utilities.seed").addFilter(_DropMessages("Seed set to"))
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    # `metasgd fit` says itself, in one line, what a fresh run does to an earlier run's checkpoints (cli.py).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

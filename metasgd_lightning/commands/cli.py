@@ -19,6 +19,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -82,6 +83,7 @@ class MetaSGDCLI(TrainerCallbacksFilter):
         # LightningCLI reads the model's settings from a given checkpoint next: refuse a missing or broken one by name.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self._given_model = None
         if not path or str(path) in ("last", "best", "hpc", "registry") or "://" in str(path):
             return
         if not Path(path).is_file():
@@ -90,6 +92,7 @@ class MetaSGDCLI(TrainerCallbacksFilter):
                             "runs/<name>/checkpoints/last.ckpt), or `last` for the newest in the run's checkpoint folder.")
         if not checkpoint_is_intact(path):
             raise CheckpointCorruptError(path)
+        self._given_model = _plain(self.config[subcommand].get("model"))  # before the checkpoint's replace them
 
     def instantiate_classes(self) -> None:
         try:
@@ -101,6 +104,17 @@ class MetaSGDCLI(TrainerCallbacksFilter):
             raise refused from error
 
     def before_instantiate_classes(self) -> None:
+        # LightningCLI has just replaced the module's settings with those a --ckpt_path file records: say which
+        # settings given on the command line or in the config were overridden.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        given, used = getattr(self, "_given_model", None), _plain(config.get("model"))
+        if isinstance(given, dict) and isinstance(used, dict):
+            given, used = given.get("init_args", given), used.get("init_args", used)
+            changed = [f"{key} {used[key]!r} (given {value!r})" for key, value in given.items()
+                       if key in used and key not in ("task",) and used[key] != value and not isinstance(value, dict)]
+            if changed:
+                _say(f"metasgd {self.subcommand}: --ckpt_path keeps the checkpoint's settings: {'; '.join(changed)}. "
+                     "To change them, resume with --ckpt_path last (which keeps the given settings) or start a new run.")
         # Checkpoints go where the run goes: <default_root_dir>/checkpoints (the working folder without one),
         # unless --checkpoint.dirpath names a folder; a fixed folder, so that `--ckpt_path last` finds last.ckpt.
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -184,6 +198,15 @@ class MetaSGDCLI(TrainerCallbacksFilter):
         _print_summary(self.trainer, "test")
 
 
+def _plain(value):
+    """A jsonargparse Namespace as nested dicts (lists for tuples), for comparing settings."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
 @rank_zero_only
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
@@ -195,6 +218,8 @@ def _print_summary(trainer, stage: str) -> None:
     prefix = "test" if stage == "test" else "val"
     # The method first (Meta-SGD, MAML or Reptile), then its class: a MAML run is not "MetaSGDLightningModule".
     lines = [f"Method: {getattr(module, 'method_name', type(module).__name__)} ({type(module).__name__})"]
+    if stage != "fit":  # which weights were scored: the trainer's own step count is 0 outside fit
+        lines.append(_scored_weights(trainer.ckpt_path))
     for name in module.metric_names:
         key = f"{prefix}/{name}"
         if key in trainer.callback_metrics:
@@ -217,6 +242,16 @@ def _print_summary(trainer, stage: str) -> None:
     if logger is not None and getattr(logger, "save_dir", None):
         lines.append(f"Watch them: {tensorboard_command()} --logdir {shlex.quote(os.path.abspath(logger.save_dir))}")
     print("\n".join(lines), flush=True)
+
+
+def _scored_weights(ckpt_path) -> str:
+    if not ckpt_path:
+        return "Weights: untrained (no --ckpt_path)"
+    try:
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # noqa: BLE001 - a remote or unreadable path: name it without its step
+        step = None
+    return f"Weights: {ckpt_path}" + (f" (step {step})" if step is not None else "")
 
 
 def tensorboard_command() -> str:

@@ -11,6 +11,7 @@ The recipes: :mod:`.metasgd_module` (Meta-SGD, MAML) and :mod:`.reptile_module` 
 from __future__ import annotations
 
 import functools
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -71,6 +72,20 @@ def _as_config(obj: object) -> object:
     return _NOT_A_CONFIG
 
 
+def _comparable(value: object) -> object:
+    """Lists and tuples alike (YAML and the checkpoint give lists where the module was given tuples)."""
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    return value
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def check_positive_or_none(name: str, value: object) -> None:
     if value is not None and not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"`{name}` must be a positive number or None; got {value!r}.")
@@ -129,6 +144,7 @@ class MetaLearningModule(L.LightningModule):
         self._last_log_time: float | None = None  # for tasks per second between logged steps
         self._tasks_since_log = 0
         self.last_validated_step: int | None = None  # global step of the last full validation
+        self._data_fits = False  # whether a batch of the data has been run through the model (_check_data_fits)
 
     @property
     def monitor(self) -> tuple[str, Literal["min", "max"]]:
@@ -304,6 +320,45 @@ class MetaLearningModule(L.LightningModule):
 
     # -- hooks --------------------------------------------------------------------------------------
 
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._check_data_fits(batch)
+
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_data_fits(batch)
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check_data_fits(batch)
+
+    def _check_data_fits(self, batch) -> None:
+        """On the first batch (the sanity check's, or the first step's), run one task's support set through the
+        network, and name data that does not fit it (images for the sine MLP, sine curves for a ConvNet, class
+        labels for regression) instead of a shape error from deep inside the adaptation."""
+        if self._data_fits or not isinstance(batch, (tuple, list)) or len(batch) != 4:
+            return
+        support_x, support_y = batch[0], batch[1]
+        if not (isinstance(support_x, Tensor) and isinstance(support_y, Tensor)) or support_x.dim() < 2:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data = type(datamodule).__name__ if datamodule is not None else "The data"
+        data_task = getattr(datamodule, "task", None)
+        network = type(self.model).__name__
+        fix = ("Use the model settings of a config made for this data (e.g. configs/sine_5shot.yaml for sine curves, "
+               "configs/omniglot_5way_1shot.yaml for Omniglot images).")
+        if data_task in ("classification", "regression") and data_task != self.task:
+            raise SetupError(f"{data} gives {data_task} tasks, but the module was built for task={self.task!r} "
+                             f"({network}). {fix}")
+        example = tuple(support_x.shape[2:])
+        try:
+            with torch.no_grad():
+                output = self.meta_learner(support_x[0, :1], None)
+        except RuntimeError as error:  # a shape error: the network cannot take this data's inputs
+            raise SetupError(f"{data}'s examples (inputs of shape {example}) do not fit the network {network}: "
+                             f"{str(error).splitlines()[0]}. {fix}") from error
+        if self.task == "regression" and tuple(output.shape[1:]) != tuple(support_y.shape[2:]):
+            raise SetupError(f"{network} gives outputs of shape {tuple(output.shape[1:])} for {data}'s examples, "
+                             f"whose targets have shape {tuple(support_y.shape[2:])}. {fix}")
+        self._data_fits = True
+
     def on_train_epoch_start(self) -> None:
         self._reset_throughput_clock()
 
@@ -334,6 +389,7 @@ class MetaLearningModule(L.LightningModule):
         checkpoint[CHECKPOINT_CLASS_KEY] = _qualified_name(type(self))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._compare_method(checkpoint)
         # Name the first mismatch instead of load_state_dict's wall of text.
         saved, ours = checkpoint.get("state_dict", {}), self.state_dict()
         missing = sorted(set(ours) - set(saved))
@@ -349,6 +405,23 @@ class MetaLearningModule(L.LightningModule):
                 f"{detail}. Use the model settings the checkpoint was trained with (its hparams.yaml / config.yaml), "
                 f"or {type(self).__name__}.load_from_checkpoint(path), which rebuilds the model from the checkpoint."
             )
+
+    def _compare_method(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another method class; say in one line which method settings differ from it."""
+        written_by = checkpoint.get(CHECKPOINT_CLASS_KEY)
+        if isinstance(written_by, str) and written_by != _qualified_name(type(self)):
+            raise SetupError(f"The checkpoint was written by {written_by.rpartition('.')[2]}, but this run's module is "
+                             f"{type(self).__name__}. Use the config the checkpoint was trained with (its config.yaml), "
+                             "or start a new run without --ckpt_path.")
+        saved = checkpoint.get("hyper_parameters")
+        if not isinstance(saved, dict):
+            return
+        changed = [f"{key} {_short(saved[key])} → {_short(value)}" for key, value in self.hparams.items()
+                   if not key.startswith("_") and key not in ("model", "task") and key in saved
+                   and _comparable(saved[key]) != _comparable(value)]
+        if changed:
+            # Allowed (e.g. more inner steps to fine-tune), but never silently.
+            print(f"Settings changed from the checkpoint's: {'; '.join(changed)}.", file=sys.stderr, flush=True)
 
     # -- helpers ------------------------------------------------------------------------------------
 
