@@ -352,3 +352,113 @@ def test_annealing_needs_a_finite_run(tmp_path):
     module = ReptileLightningModule(SineMLP(), task="regression")
     with pytest.raises(ValueError, match="finite run"):
         _trainer(tmp_path, max_steps=-1, max_epochs=-1).fit(module, _sine_data())
+
+
+# -- the kept inner Adam state ----------------------------------------------------------------------
+
+
+def _adam_from(model: nn.Module, state, lr: float) -> torch.optim.Adam:
+    """torch.optim.Adam over ``model`` started from a Reptile ``AdamState`` (None: fresh)."""
+    adam = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.0, 0.999), foreach=True)
+    if state is not None:
+        for name, p in model.named_parameters():
+            adam.state[p] = {"step": torch.tensor(float(state.step)), "exp_avg": state.exp_avg[name].clone(),
+                             "exp_avg_sq": state.exp_avg_sq[name].clone()}
+    return adam
+
+
+def test_the_kept_adam_state_is_the_tasks_mean_final_state_and_the_next_tasks_start_from_it():
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 6, 1, dtype=torch.float64), torch.randn(3, 6, 1, dtype=torch.float64)
+    reptile = Reptile(_tiny_net().double(), inner_lr=0.05, inner_steps=2, inner_optimizer="adam")
+    for meta_step in range(2):
+        before, theta = reptile.inner_state, copy.deepcopy(reptile.model)
+        step = reptile.meta_step(x, y, F.mse_loss, vectorize="loop")
+        # Reference: each task a torch.optim.Adam (foreach, as the loop path) started from the kept state.
+        finals, adapted = [], []
+        for tx, ty in zip(x, y):
+            clone = copy.deepcopy(theta)
+            adam = _adam_from(clone, before, lr=0.05)
+            for _ in range(2):
+                adam.zero_grad()
+                F.mse_loss(clone(tx), ty).backward()
+                adam.step()
+            finals.append({n: adam.state[p] for n, p in clone.named_parameters()})
+            adapted.append(dict(clone.named_parameters()))
+        state = reptile.inner_state
+        assert state.step == 2 * (meta_step + 1)  # the step count continues
+        for name, w in theta.named_parameters():
+            mean_adapted = torch.stack([a[name].detach() for a in adapted]).mean(0)
+            torch.testing.assert_close(step.direction[name], w.detach() - mean_adapted, rtol=0, atol=1e-15)
+            for key in ("exp_avg", "exp_avg_sq"):
+                expected = torch.stack([f[name][key] for f in finals]).mean(0)
+                torch.testing.assert_close(getattr(state, key)[name], expected, rtol=1e-14, atol=0)
+        with torch.no_grad():  # the outer step, ε = 1
+            for name, p in reptile.model.named_parameters():
+                p -= step.direction[name]
+
+
+def test_the_loop_paths_in_place_adam_is_torch_adam_exactly():
+    torch.manual_seed(0)
+    x, y = torch.randn(1, 6, 1, dtype=torch.float64), torch.randn(1, 6, 1, dtype=torch.float64)
+    reptile = Reptile(_tiny_net().double(), inner_lr=0.05, inner_steps=4, inner_optimizer="adam")
+    reptile.meta_step(x, y, F.mse_loss, vectorize="loop")  # a kept state to start from
+    clone = copy.deepcopy(reptile.model)
+    adam = _adam_from(clone, reptile.inner_state, lr=0.05)
+    fast = reptile.adapt(x[0], y[0], F.mse_loss)
+    for _ in range(4):
+        adam.zero_grad()
+        F.mse_loss(clone(x[0]), y[0]).backward()
+        adam.step()
+    for name, p in clone.named_parameters():
+        torch.testing.assert_close(fast[name], p.detach(), rtol=0, atol=0, msg=name)
+
+
+def test_evaluation_starts_from_a_copy_of_the_kept_state_and_leaves_it():
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 6, 1), torch.randn(2, 6, 1)
+    reptile = Reptile(_tiny_net(), inner_lr=0.05, inner_steps=3, inner_optimizer="adam")
+    reptile.meta_step(x, y, F.mse_loss)
+    kept = copy.deepcopy(reptile.inner_state)
+    with_state = reptile.adapt_tasks(x, y, x, y, F.mse_loss, steps=5)
+    reptile.adapt(x[0], y[0], F.mse_loss, steps=5)
+    assert reptile.inner_state.step == kept.step == 3
+    for name in kept.exp_avg_sq:
+        assert torch.equal(reptile.inner_state.exp_avg_sq[name], kept.exp_avg_sq[name])
+    fresh = Reptile(reptile.model, inner_lr=0.05, inner_steps=3, inner_optimizer="adam", persistent_state=False)
+    assert fresh.inner_state is None
+    assert not torch.allclose(fresh.adapt_tasks(x, y, x, y, F.mse_loss, steps=5).query_loss, with_state.query_loss)
+    fresh.meta_step(x, y, F.mse_loss)
+    assert fresh.inner_state is None  # persistent_state=False keeps nothing
+    assert Reptile(_tiny_net(), inner_optimizer="sgd").persistent_state is False  # SGD has no state
+
+
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization:UserWarning")
+def test_checkpoints_carry_the_kept_state_and_old_checkpoints_start_fresh(tmp_path):
+    torch.manual_seed(0)
+    module = ReptileLightningModule(SineMLP(), task="regression", inner_steps=3, inner_lr=0.02, inner_optimizer="adam")
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, _sine_data())
+    trainer.save_checkpoint(tmp_path / "reptile.ckpt")
+    saved = torch.load(tmp_path / "reptile.ckpt", weights_only=True)
+    assert saved["reptile_inner_state"]["step"] == 6
+    restored = ReptileLightningModule.load_from_checkpoint(tmp_path / "reptile.ckpt", weights_only=True)
+    assert restored.meta_learner.inner_state.step == 6
+    for name, v in module.meta_learner.inner_state.exp_avg_sq.items():
+        assert torch.equal(restored.meta_learner.inner_state.exp_avg_sq[name], v)
+    del saved["reptile_inner_state"]  # a checkpoint from before the state was kept
+    torch.save(saved, tmp_path / "old.ckpt")
+    assert ReptileLightningModule.load_from_checkpoint(tmp_path / "old.ckpt").meta_learner.inner_state is None
+
+
+def test_the_loss_after_the_inner_loop_is_computed_on_logging_steps_only(tmp_path, monkeypatch):
+    module = ReptileLightningModule(SineMLP(), task="regression", inner_steps=2, inner_lr=0.02, inner_optimizer="sgd")
+    asked, meta_step = [], module.meta_learner.meta_step
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs["final_loss"])
+        return meta_step(*args, **kwargs)
+
+    monkeypatch.setattr(module.meta_learner, "meta_step", recording)
+    _trainer(tmp_path, max_steps=5, log_every_n_steps=2).fit(module, _sine_data())
+    assert asked == [False, True, False, True, True]  # steps 2 and 4, and the last
