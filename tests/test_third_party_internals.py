@@ -12,7 +12,7 @@ from metasgd_lightning.methods.models import TaskBatchNorm2d, functorch_transfor
 def test_torch_still_says_whether_a_functorch_transform_is_running():
     # functorch_transform_active() falls back to True (TaskBatchNorm2d's slower plain-ops path) without it.
     assert callable(getattr(torch._C, "_are_functorch_transforms_active", None)), \
-        "torch._C._are_functorch_transforms_active is gone: update metasgd_lightning.methods.models.functorch_transform_active"
+        "torch._C._are_functorch_transforms_active is gone: update _internals.torch_internals.functorch_transform_active"
     assert functorch_transform_active() is False
     seen = []
 
@@ -71,3 +71,63 @@ def test_model_checkpoint_internals_that_last_ckpt_relies_on(tmp_path):
     li.rank_and_save(callback, trainer, torch.tensor(0.5))
     assert callback.best_model_path and float(callback.best_model_score) == 0.5
     assert callable(getattr(trainer, "_teardown", None)), "Trainer._teardown is gone: update teardown_trainer"
+
+
+def test_argparse_still_lists_its_actions():
+    import argparse
+
+    from metasgd_lightning._internals.argparse_internals import long_option_strings
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--alpha", "-a")
+    parser.add_argument("beta")
+    assert isinstance(getattr(parser, "_actions", None), list), "argparse's _actions is gone: update long_option_strings"
+    assert long_option_strings(parser) == ["--help", "--alpha"]
+
+
+def test_lightning_cli_still_records_its_hparams_keys(tmp_path):
+    # LightningCLI's convention that load_from_checkpoint and --ckpt_path read: "_instantiator" names the function
+    # that rebuilds the module from class_path configs, "_class_path" its class in subclass mode.
+    import inspect
+
+    import lightning.pytorch.cli as lightning_cli
+    from lightning.pytorch.core import saving
+
+    from metasgd_lightning._internals import lightning_internals as internals
+
+    assert callable(getattr(lightning_cli, "instantiate_module", None)), "lightning.pytorch.cli.instantiate_module moved"
+    assert internals._CLI_INSTANTIATOR == f"{lightning_cli.__name__}.instantiate_module"
+    for key in (internals._CLASS_PATH_KEY, internals._INSTANTIATOR_KEY):
+        assert f'"{key}"' in inspect.getsource(saving), f"Lightning's checkpoint loading no longer reads {key!r}"
+    assert f'"{internals._CLASS_PATH_KEY}"' in inspect.getsource(lightning_cli)
+    hparams = {"model": {"class_path": "x.Y"}, internals._CLASS_PATH_KEY: "a.B"}
+    internals.mark_as_cli_config(hparams)
+    assert internals.built_by_cli(hparams) and internals.recorded_class_path(hparams) == "a.B"
+    assert internals.recorded_class_path(hparams, pop=True) == "a.B" and internals.recorded_class_path(hparams) is None
+
+
+def test_lightning_cli_still_hands_its_callbacks_to_instantiate_trainer():
+    import inspect
+
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+    from metasgd_lightning._internals.lightning_internals import TrainerCallbacksFilter
+
+    hook = getattr(LightningCLI, "_instantiate_trainer", None)
+    assert hook is not None and list(inspect.signature(hook).parameters) == ["self", "config", "callbacks"], \
+        "LightningCLI._instantiate_trainer changed: update _internals.lightning_internals.TrainerCallbacksFilter"
+    seen = []
+
+    class CLI(TrainerCallbacksFilter):
+        def add_arguments_to_parser(self, parser):
+            parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+
+        def trainer_callbacks(self, config, callbacks):
+            seen.extend(callbacks)
+            return []
+
+    cli = CLI(BoringModel, BoringDataModule, run=False, args=["--trainer.logger", "false"])
+    assert [type(c) for c in seen] == [LearningRateMonitor]
+    assert not any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
