@@ -439,7 +439,7 @@ class Reptile(MetaLearner):
         losses = []
         with float32_under_float16_autocast(x.device.type):
             for step, (bx, by) in enumerate(zip(x_steps, y_steps)):
-                grads, loss = grad_and_value(lambda weights: loss_fn(self(bx, weights), by))(fast)
+                grads, loss = grad_and_value(lambda weights, bx=bx, by=by: loss_fn(self(bx, weights), by))(fast)
                 losses.append(loss)
                 if moments is not None:
                     fast, moments = adam_step(fast, grads, moments, start.step + step + 1, self.inner_lr, self.betas,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 
-import lightning as L
+import lightning as L  # noqa: F401  (the docstring example uses it)
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
