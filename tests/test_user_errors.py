@@ -176,3 +176,13 @@ def test_regression_data_for_a_classifier_is_named_before_training():
                                          "task='classification' \\(ConvNet4\\)"):
         _fit(module, SineDataModule(meta_batch_size=2, val_tasks=2))
     assert module.global_step == 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["plot-lrs"], "metasgd plot-lrs: the following arguments are required: checkpoint"),
+    (["plot-lrs", "nope.ckpt"], "metasgd plot-lrs: "),
+    (["adapt", "nope.ckpt", "--support", "s", "--queries", "q"], "metasgd adapt: "),
+    (["plot-sine", "nope.ckpt", "--bogus"], "metasgd plot-sine: unrecognized arguments: --bogus"),
+])
+def test_the_checkpoint_commands_answer_in_one_line(args, expected, capsys):
+    assert one_line(args, capsys).startswith(expected)

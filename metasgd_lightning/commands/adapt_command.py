@@ -9,7 +9,6 @@ on the command line, with their errors.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from datamodules.images import ImageReadError
 
+from ._parser import OneLineArgumentParser
 from .inference import Prediction, adapt_to_folder, checkpoint_transform, load_meta_learner, predict_images
 
 __all__ = ["main", "write_predictions"]
@@ -40,7 +40,7 @@ def write_predictions(predictions: list[Prediction], out: str | Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="metasgd adapt", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = OneLineArgumentParser(prog="metasgd adapt", description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("checkpoint", help="a .ckpt file of an image classification config, written by `metasgd fit`")
     parser.add_argument("--support", required=True, help="folder with one subfolder of images per class")
     parser.add_argument("--queries", required=True, nargs="+", help="image files, or folders of images, to classify")

@@ -6,13 +6,13 @@ Reptile learns no inner-loop rate: the command says so in one line (:class:`NoLe
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
 import torch
 
 from ..training.checkpointing import foreign_format
+from ._parser import OneLineArgumentParser
 
 __all__ = ["NoLearnedRatesError", "plot_learned_rates", "main"]
 
@@ -140,7 +140,7 @@ def _fixed_rate_figure(plt, path: Path, rates: dict):
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="metasgd plot-lrs", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="metasgd plot-lrs", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint written by `metasgd fit`")
     parser.add_argument("--out", default="lrs.png", help="the image to write (default: lrs.png)")
     parser.add_argument("--bins", type=int, default=60)

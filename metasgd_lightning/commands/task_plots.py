@@ -12,10 +12,10 @@ image checkpoint needs its data where it was trained (``--data-root`` points els
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ..training.figures import pyplot, sine_figure, task_figure
+from ._parser import OneLineArgumentParser
 from .inference import checkpoint_datamodule, load_meta_learner
 
 __all__ = ["main_sine", "main_tasks", "plot_sine", "plot_tasks"]
@@ -92,7 +92,7 @@ def plot_tasks(checkpoint_path: str | Path, out: str | Path, task: int = 0, data
 
 
 def main_sine(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="metasgd plot-sine", description=plot_sine.__doc__.splitlines()[0],
+    parser = OneLineArgumentParser(prog="metasgd plot-sine", description=plot_sine.__doc__.splitlines()[0],
                                      allow_abbrev=False)
     parser.add_argument("checkpoint", help="a checkpoint of a sine config, written by `metasgd fit`")
     parser.add_argument("--out", default="sine.png", help="the image to write (default: sine.png)")
@@ -106,7 +106,7 @@ def main_sine(argv: list[str]) -> None:
 
 
 def main_tasks(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="metasgd plot-tasks", description=plot_tasks.__doc__.splitlines()[0],
+    parser = OneLineArgumentParser(prog="metasgd plot-tasks", description=plot_tasks.__doc__.splitlines()[0],
                                      allow_abbrev=False)
     parser.add_argument("checkpoint", help="a checkpoint of an image classification config, written by `metasgd fit`")
     parser.add_argument("--out", default="tasks.png", help="the image to write (default: tasks.png)")

@@ -81,6 +81,13 @@ def _comparable(value: object) -> object:
     return value
 
 
+def _is_setting(value: object) -> bool:
+    """A number, string, flag or list of them: a setting to compare (not a model, optimiser or its config)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_setting(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -418,7 +425,7 @@ class MetaLearningModule(L.LightningModule):
             return
         changed = [f"{key} {_short(saved[key])} → {_short(value)}" for key, value in self.hparams.items()
                    if not key.startswith("_") and key not in ("model", "task") and key in saved
-                   and _comparable(saved[key]) != _comparable(value)]
+                   and _is_setting(saved[key]) and _is_setting(value) and _comparable(saved[key]) != _comparable(value)]
         if changed:
             # Allowed (e.g. more inner steps to fine-tune), but never silently.
             print(f"Settings changed from the checkpoint's: {'; '.join(changed)}.", file=sys.stderr, flush=True)
