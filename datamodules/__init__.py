@@ -24,13 +24,13 @@ Where things live (this package imports nothing of ``metasgd_lightning``; the ar
 Names that lived in ``episodic.py`` or ``image_folder.py`` before the split are still importable there.
 """
 
-from .sine import SineDataModule
-from .episodic import EpisodicDataModule
-from .omniglot import OmniglotDataModule
-from .imagenet import MiniImageNetDataModule, TieredImageNetDataModule
 from .cifar import CIFARFSDataModule, FC100DataModule
+from .episodic import EpisodicDataModule
 from .image_folder import ImageFolderDataModule
+from .imagenet import MiniImageNetDataModule, TieredImageNetDataModule
 from .lake_oneshot import OmniglotOneShotDataModule
+from .omniglot import OmniglotDataModule
+from .sine import SineDataModule
 
 __all__ = [
     "SineDataModule",

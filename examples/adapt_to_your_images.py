@@ -20,7 +20,12 @@ import argparse
 import sys
 
 from datamodules.images import ImageReadError
-from metasgd_lightning.commands.inference import adapt_to_folder, checkpoint_transform, load_meta_learner, predict_images
+from metasgd_lightning.commands.inference import (
+    adapt_to_folder,
+    checkpoint_transform,
+    load_meta_learner,
+    predict_images,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,13 @@ The data modules are the separate package :mod:`datamodules`, which this one imp
 
 from . import _old_paths
 from .methods import ConvNet4, InnerLoopDivergedError, MetaLearner, MetaSGD, Reptile, SineMLP, TaskBatchResult
-from .training import MAMLLightningModule, MetaLearningModule, MetaSGDLightningModule, ReptileLightningModule, TaskMeanCI
+from .training import (
+    MAMLLightningModule,
+    MetaLearningModule,
+    MetaSGDLightningModule,
+    ReptileLightningModule,
+    TaskMeanCI,
+)
 
 _old_paths.install()
 

@@ -9,7 +9,12 @@ from PIL import Image
 
 import fixtures_episodic as fx
 from conftest import REPO, run_cli
-from metasgd_lightning.commands.inference import adapt_to_folder, checkpoint_transform, load_meta_learner, predict_images
+from metasgd_lightning.commands.inference import (
+    adapt_to_folder,
+    checkpoint_transform,
+    load_meta_learner,
+    predict_images,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
-from metasgd_lightning.training.checkpointing import CheckpointCorruptError, foreign_format
 from metasgd_lightning.commands.inference import adapt_to_folder, checkpoint_transform, load_meta_learner
 from metasgd_lightning.commands.plotting import plot_learned_rates
+from metasgd_lightning.training.checkpointing import CheckpointCorruptError, foreign_format
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ def test_reptile_omniglot_config_parses_and_fits_a_few_steps(tmp_path):
     root = fx.omniglot_folder(tmp_path / "omni", alphabets=2, characters=8)
     proc = run_cli("fit", "--config", config, "--data.root", str(root), "--data.layout", "folder",
                    "--data.fractions", "[0.5, 0.25, 0.25]", "--data.ways", "3", "--data.download", "false",
-                   "--data.queries", "1", "--data.meta_batch_size", "2",
+                   "--data.queries", "1", "--data.train_queries", "3", "--data.meta_batch_size", "2",
                    "--data.val_tasks", "4", "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "8",
                    "--model.eval_inner_steps", "3", "--trainer.max_steps", "2",
                    "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),

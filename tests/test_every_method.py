@@ -27,7 +27,7 @@ from metasgd_lightning import (
     ReptileLightningModule,
     SineMLP,
 )
-from metasgd_lightning.commands import adapt_command, cli, plotting, task_plots
+from metasgd_lightning.commands import adapt_command, cli, plotting
 from metasgd_lightning.commands.inference import (
     adapt,
     adapt_to_folder,
@@ -266,7 +266,7 @@ def test_tensorboard_figure_of_adaptation(method, sine, image, monkeypatch):
         datamodule = checkpoint_datamodule(module)
         datamodule.setup("validate")
         figures = []
-        writer = types.SimpleNamespace(add_figure=lambda tag, figure, global_step, close: figures.append(
+        writer = types.SimpleNamespace(add_figure=lambda tag, figure, global_step, close, figures=figures: figures.append(
             (tag, figure._suptitle.get_text())))
         trainer = types.SimpleNamespace(datamodule=datamodule, global_step=2)
         views = TensorBoardViews(figure_tasks=2)

@@ -179,7 +179,7 @@ def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one_beside_it(tm
     broken.write_bytes(intact.read_bytes()[:20_000])
     proc = _fit(tmp_path / "run", "--ckpt_path", str(broken))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert (f"metasgd: Checkpoint {broken} is truncated or corrupt. The newest intact checkpoint beside it is "
+    assert (f"metasgd fit: Checkpoint {broken} is truncated or corrupt. The newest intact checkpoint beside it is "
             f"{intact}: resume with --ckpt_path {intact}.") in proc.stderr
     with pytest.raises(CheckpointCorruptError, match=f"newest intact checkpoint beside it is {intact}"):
         resolve_resume_path("last", folder)  # what `--ckpt_path last` meets in this folder

@@ -124,9 +124,10 @@ def test_no_method_file_imports_another_methods_private_name():
 
 
 def test_an_old_path_is_the_new_module_itself():
-    import metasgd_lightning.methods.models as new
     import metasgd_lightning.models as old
     from metasgd_lightning.module import MetaSGDLightningModule
+
+    import metasgd_lightning.methods.models as new
     from metasgd_lightning.training.metasgd_module import MetaSGDLightningModule as moved
 
     assert old is new and MetaSGDLightningModule is moved

@@ -97,7 +97,7 @@ class MetaSGDCLI(TrainerCallbacksFilter):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except Exception as error:  # noqa: BLE001 - a constructor's refusal of its arguments, else re-raised as is
+        except Exception as error:
             refused = refused_arguments(error)
             if refused is None:
                 raise
@@ -293,7 +293,7 @@ def main(args: list[str] | None = None) -> None:
     command = f"metasgd {argv[0]}" if argv[:1] and argv[0] in (*COMMANDS, *MetaSGDCLI.subcommands()) else "metasgd"
     try:
         _main(argv, args)
-    except Exception as error:  # noqa: BLE001 - a user's mistake in one line; anything else re-raised
+    except Exception as error:
         message = user_error_message(error)
         if message is None or show_tracebacks():
             raise

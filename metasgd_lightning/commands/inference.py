@@ -185,7 +185,7 @@ def _read_checkpoint(path: Path, map_location: str | torch.device = "cpu", trust
                          "`metasgd fit` (by default under runs/<config name>/checkpoints/).")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=not trusted)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
+    except Exception as error:
         if not checkpoint_is_intact(path):
             raise ValueError(f"{path} is not a readable PyTorch checkpoint: it is truncated or corrupt "
                              f"({str(error).splitlines()[0]}).") from error

@@ -58,7 +58,7 @@ def plot_learned_rates(checkpoint_path: str | Path, out: str | Path, bins: int =
         raise ValueError(f"{path} is not a PyTorch checkpoint: it is {other}. Give a .ckpt file written by `metasgd fit`.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except Exception as error:  # noqa: BLE001 - torch raises many kinds for a bad file
+    except Exception as error:
         hint = "" if trusted else (" If it is a checkpoint of a module built in Python (its model is pickled) and you "
                                    "trust it, pass trusted=True (--trusted on the command line).")
         raise ValueError(f"{path} could not be read as a PyTorch checkpoint: {str(error).splitlines()[0]}.{hint}") from error

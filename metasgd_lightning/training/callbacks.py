@@ -15,10 +15,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from .checkpointing import Preempted
-from .._internals.lightning_internals import (monitor_candidates, rank_and_save, reset_checkpoint_monitor,
-                                              save_last_checkpoint, teardown_trainer, training_batch_progress)
+from .._internals.lightning_internals import (
+    monitor_candidates,
+    rank_and_save,
+    reset_checkpoint_monitor,
+    save_last_checkpoint,
+    teardown_trainer,
+    training_batch_progress,
+)
 from ..methods.contract import check_positive_int
+from .checkpointing import Preempted
 
 __all__ = ["LearnedRateMonitor", "MetaSGDCheckpoint"]
 

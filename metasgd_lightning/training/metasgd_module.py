@@ -10,7 +10,6 @@ import contextlib
 import inspect
 import math
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -66,6 +65,7 @@ class MetaSGDLightningModule(MetaLearningModule):
         >>> from metasgd_lightning.methods.models import SineMLP
         >>> from datamodules import SineDataModule
         >>> module = MetaSGDLightningModule(SineMLP(), task="regression", init_lr=(0.005, 0.1))
+        >>> import lightning as L
         >>> trainer = L.Trainer(max_steps=2, inference_mode=False, logger=False,
         ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(module, SineDataModule(meta_batch_size=4, val_tasks=8))

@@ -22,9 +22,9 @@ import sys
 import time
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-import torch
 from torch import Tensor
 
 __all__ = ["MetaProgressBar"]

@@ -84,6 +84,7 @@ class ReptileLightningModule(MetaLearningModule):
         >>> module = ReptileLightningModule(SineMLP(), task="regression", inner_optimizer="sgd", inner_lr=0.02,
         ...                                 inner_steps=5, eval_inner_steps=32)
         >>> data = SineDataModule(meta_batch_size=4, val_tasks=8, test_tasks=8)
+        >>> import lightning as L
         >>> trainer = L.Trainer(max_steps=2, inference_mode=False, logger=False, enable_checkpointing=False,
         ...                     enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(module, data)                    # ε anneals from 1 to 0 over the 2 steps
