@@ -190,7 +190,7 @@ class _Once:
         ((torch.zeros(4, 5, 1), torch.zeros(4, 5, 1)), "4 tensors"),
         ((torch.zeros(4, 5, 1), torch.zeros(4, 5, 1), torch.zeros(2, 10, 1), torch.zeros(2, 10, 1)), r"query_x must have shape"),
         ((torch.zeros(4, 5, 1), torch.zeros(4, 5), torch.zeros(4, 10, 1), torch.zeros(4, 10)),
-         r"outputs and targets must have the same shape"),
+         r"SineMLP gives outputs of shape \(1,\) for the examples of the training data, whose targets have shape \(\)"),
         ((torch.zeros(4, 5, 1), torch.zeros(4, 5, 1, dtype=torch.long), torch.zeros(4, 10, 1), torch.zeros(4, 10, 1)),
          "floating-point targets"),
     ],

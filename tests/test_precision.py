@@ -141,9 +141,9 @@ def test_float16_autocast_does_not_flush_the_inner_gradient_to_zero(vectorize):
     sx, sy, qx, qy = torch.randn(2, 10, 1), torch.randn(2, 10, 1), torch.randn(2, 5, 1), torch.randn(2, 5, 1)
     with torch.autocast("cpu", dtype=torch.float16):
         naive = torch.autograd.grad(tiny(meta(sx[0]), sy[0]), list(meta.model.parameters()))
-        half = meta.adapt_tasks(sx, sy, qx, qy, tiny, 1, vectorize=vectorize, first_order=True)
+        half = meta.adapt_tasks(sx, sy, qx, qy, tiny, steps=1, vectorize=vectorize, first_order=True)
     assert all((g == 0).all() for g in naive)  # what plain float16 gives
-    full = meta.adapt_tasks(sx, sy, qx, qy, tiny, 1, vectorize=vectorize, first_order=True)
+    full = meta.adapt_tasks(sx, sy, qx, qy, tiny, steps=1, vectorize=vectorize, first_order=True)
     if vectorize == "loop":  # the query pass still runs under autocast (torch.func's vmap runs it in float32 on CPU)
         assert half.query_output.dtype == torch.float16
     unadapted = torch.stack([meta(x) for x in qx]).detach()

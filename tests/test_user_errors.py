@@ -164,7 +164,7 @@ def _fit(module, data):
 
 def test_images_for_the_sine_network_are_named_before_training():
     module = MetaSGDLightningModule(SineMLP(out_features=5), task="classification")
-    with pytest.raises(SetupError, match=r"_ImageTasks's examples \(inputs of shape \(1, 28, 28\)\) do not fit the "
+    with pytest.raises(SetupError, match=r"The examples of _ImageTasks \(inputs of shape \(1, 28, 28\)\) do not fit the "
                                          r"network SineMLP") as error:
         _fit(module, _ImageTasks())
     assert module.global_step == 0 and "configs/omniglot_5way_1shot.yaml" in str(error.value)

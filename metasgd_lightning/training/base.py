@@ -346,7 +346,7 @@ class MetaLearningModule(L.LightningModule):
         if not (isinstance(support_x, Tensor) and isinstance(support_y, Tensor)) or support_x.dim() < 2:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
-        data = type(datamodule).__name__ if datamodule is not None else "The data"
+        data = type(datamodule).__name__ if datamodule is not None else "the training data"
         data_task = getattr(datamodule, "task", None)
         network = type(self.model).__name__
         fix = ("Use the model settings of a config made for this data (e.g. configs/sine_5shot.yaml for sine curves, "
@@ -356,13 +356,14 @@ class MetaLearningModule(L.LightningModule):
                              f"({network}). {fix}")
         example = tuple(support_x.shape[2:])
         try:
-            with torch.no_grad():
-                output = self.meta_learner(support_x[0, :1], None)
+            # One task's whole support set (batch norm needs more than one example), under the run's precision.
+            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                output = self.meta_learner(support_x[0], None)
         except RuntimeError as error:  # a shape error: the network cannot take this data's inputs
-            raise SetupError(f"{data}'s examples (inputs of shape {example}) do not fit the network {network}: "
+            raise SetupError(f"The examples of {data} (inputs of shape {example}) do not fit the network {network}: "
                              f"{str(error).splitlines()[0]}. {fix}") from error
         if self.task == "regression" and tuple(output.shape[1:]) != tuple(support_y.shape[2:]):
-            raise SetupError(f"{network} gives outputs of shape {tuple(output.shape[1:])} for {data}'s examples, "
+            raise SetupError(f"{network} gives outputs of shape {tuple(output.shape[1:])} for the examples of {data}, "
                              f"whose targets have shape {tuple(support_y.shape[2:])}. {fix}")
         self._data_fits = True
 

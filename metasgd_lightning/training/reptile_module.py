@@ -182,6 +182,7 @@ class ReptileLightningModule(MetaLearningModule):
         state.exp_avg_sq = {n: next(pieces).view_as(state.exp_avg_sq[n]) for n in names}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # records the module class
         state = self.meta_learner.inner_state
         if state is not None:  # plain tensors and an int: loadable with weights_only
             checkpoint["reptile_inner_state"] = state.state_dict()
