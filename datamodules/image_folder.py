@@ -43,6 +43,8 @@ class ImageFolderDataModule(EpisodicDataModule):
         ways: classes per task (N).
         shots: support images per class (K).
         queries: query images per class (Q).
+        train_queries: query images per class of training tasks (``None``: ``queries``; see
+            :class:`~datamodules.episodic.EpisodicDataModule`).
         meta_batch_size: tasks per meta-batch (per device).
         train_tasks_per_epoch: training tasks in one epoch.
         val_tasks: size of the fixed validation task set.
@@ -84,6 +86,7 @@ class ImageFolderDataModule(EpisodicDataModule):
         ways: int = 5,
         shots: int = 1,
         queries: int = 15,
+        train_queries: int | None = None,
         meta_batch_size: int = 4,
         train_tasks_per_epoch: int = 10_000,
         val_tasks: int = 600,
@@ -91,7 +94,8 @@ class ImageFolderDataModule(EpisodicDataModule):
         seed: int = 0,
         num_workers: int = 2,
     ) -> None:
-        super().__init__(ways=ways, shots=shots, queries=queries, meta_batch_size=meta_batch_size,
+        super().__init__(ways=ways, shots=shots, queries=queries, train_queries=train_queries,
+                         meta_batch_size=meta_batch_size,
                          train_tasks_per_epoch=train_tasks_per_epoch, val_tasks=val_tasks, test_tasks=test_tasks,
                          root=root, download=False, seed=seed, num_workers=num_workers)
         owner = type(self).__name__

@@ -71,3 +71,12 @@ def test_sine_training_tasks_take_train_queries():
     assert all(torch.equal(a, b) for a, b in zip(dm.tasks("train", 10)[7], dm.tasks("train", 10)[7]))
     with pytest.raises(ValueError, match="train_queries"):
         SineDataModule(train_queries=0)
+
+
+@pytest.mark.parametrize("name", ["ImageFolderDataModule", "MiniImageNetDataModule", "CIFARFSDataModule"])
+def test_every_image_data_module_takes_a_training_task_size(name, tmp_path):
+    import datamodules
+
+    data = getattr(datamodules, name)(root=str(tmp_path), shots=1, queries=1, train_queries=9)
+    assert (data.queries_of("train"), data.queries_of("val"), data.queries_of("test")) == (9, 1, 1)
+    assert data.hparams["train_queries"] == 9  # stored, so checkpoints rebuild the same data module
