@@ -131,3 +131,15 @@ def test_an_old_path_is_the_new_module_itself():
     from metasgd_lightning.training.metasgd_module import MetaSGDLightningModule as moved
 
     assert old is new and MetaSGDLightningModule is moved
+
+
+def test_a_method_must_implement_the_contract():
+    import torch
+
+    from metasgd_lightning.methods.contract import MetaLearner
+
+    class Incomplete(MetaLearner):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Incomplete(torch.nn.Linear(1, 1), inner_steps=1)

@@ -16,6 +16,7 @@ share: the result type, the divergence error, the meta-batch check and argument 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 
-class MetaLearner(nn.Module):
+class MetaLearner(nn.Module, abc.ABC):
     """A meta-learning method's maths: the network θ, and how it adapts to a task.
 
     Subclasses implement :meth:`adapt` and :meth:`adapt_tasks` with keyword-only options of their
@@ -75,15 +76,15 @@ class MetaLearner(nn.Module):
             return self.model(x)
         return functional_call(self.model, dict(params), (x,), strict=False)
 
+    @abc.abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, *, steps: int | None = None,
               **options) -> Params:
         """The fast weights of one task after ``steps`` inner steps on its support set (all parameters)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def adapt_tasks(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, loss_fn: LossFn, *,
                     steps: int | None = None, vectorize: Vectorize = "auto", **options) -> TaskBatchResult:
         """Adapt each task of a meta-batch (leading task dimension) on its support set and score its query set."""
-        raise NotImplementedError
 
     def _steps(self, steps: int | None) -> int:
         return self.inner_steps if steps is None else check_positive_int("steps", steps)
