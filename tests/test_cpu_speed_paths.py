@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from metasgd_lightning import MetaSGD
-from metasgd_lightning.methods.models import ConvNet4, TaskBatchNorm2d, _BatchNormFunction, channels_last_on_cpu
+from metasgd_lightning.methods.fast_paths import TaskBatchNorm2d, _BatchNormFunction, channels_last_on_cpu
+from metasgd_lightning.methods.models import ConvNet4
 
 
 def _native(x, w, b):
@@ -69,8 +70,8 @@ def test_third_order_is_refused_as_by_torch(bn):
         torch.autograd.grad(hx.pow(2).sum() + hw.sum(), (x, w))
 
 
-def _second_order_grads(model, batch):
-    meta = MetaSGD(copy.deepcopy(model), init_lr=0.3, inner_steps=2, line_search="off")
+def _second_order_grads(model, batch, **options):
+    meta = MetaSGD(copy.deepcopy(model), init_lr=0.3, inner_steps=2, line_search="off", **options)
     result = meta.adapt_tasks(*batch, F.cross_entropy, vectorize="loop")
     result.query_loss.mean().backward()
     return result.query_loss.detach(), [p.grad.clone() for p in meta.parameters()]
@@ -95,7 +96,7 @@ def test_cpu_speed_paths_give_the_plain_meta_gradient(channels, monkeypatch):
     fast_loss, fast_grads = _second_order_grads(model, batch)
     monkeypatch.setattr(TaskBatchNorm2d, "fused_double_backward", False)
     monkeypatch.setattr("metasgd_lightning.methods.models.channels_last_on_cpu", lambda x: x)
-    plain_loss, plain_grads = _second_order_grads(model, batch)
+    plain_loss, plain_grads = _second_order_grads(model, batch, channels_last=False)
     torch.testing.assert_close(fast_loss, plain_loss)
     for fast, plain in zip(fast_grads, plain_grads):
         torch.testing.assert_close(fast, plain)
@@ -104,6 +105,8 @@ def test_cpu_speed_paths_give_the_plain_meta_gradient(channels, monkeypatch):
 def test_channels_last_on_cpu_strides_and_vmap():
     one = torch.randn(4, 1, 6, 6)  # contiguous in both formats: given explicit channels-last strides
     assert channels_last_on_cpu(one).stride() == (36, 1, 6, 1)
+    once = channels_last_on_cpu(one)
+    assert channels_last_on_cpu(once) is once  # a 1-channel image already converted: no second copy
     three = torch.randn(4, 3, 6, 6)
     converted = channels_last_on_cpu(three)
     assert converted.is_contiguous(memory_format=torch.channels_last) and torch.equal(converted, three)

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .fast_paths import ChannelsLastImages, use_task_batch_norm
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Params = dict[str, Tensor]
 Vectorize = Literal["auto", "loop", "vmap"]
@@ -53,18 +55,34 @@ class MetaLearner(nn.Module, abc.ABC):
     own (Meta-SGD: ``first_order``, ``step_weights``; Reptile: ``batch_size``, ``seeds``) and set
     ``learn_lr`` (whether they meta-learn inner-loop rates α, held in ``lrs``).
 
+    Every method applies the CPU fast paths of :mod:`~metasgd_lightning.methods.fast_paths` to the
+    network it is given, whatever network that is.
+
     Args:
         model: the network; its trainable parameters are θ. Parameters with ``requires_grad=False``
             are used as they are and not adapted.
         inner_steps: inner steps of an adaptation when a call gives none (``k``).
+        channels_last: on CPU, run a network with 2-d convolutions on channels-last images (the same
+            results, faster; off by itself for a network that cannot take them).
+        fast_batch_norm: replace the network's ``nn.BatchNorm2d(track_running_stats=False)`` layers by
+            :class:`~metasgd_lightning.methods.fast_paths.TaskBatchNorm2d` holding the same weights (the
+            same results; a fused double backward on CPU, and second-order ``vmap``).
     """
 
     learn_lr: bool = False
 
-    def __init__(self, model: nn.Module, inner_steps: int) -> None:
+    def __init__(self, model: nn.Module, inner_steps: int, *, channels_last: bool = True,
+                 fast_batch_norm: bool = True) -> None:
         super().__init__()
         self.inner_steps = check_positive_int("inner_steps", inner_steps)
+        for name, value in (("channels_last", channels_last), ("fast_batch_norm", fast_batch_norm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{name}` must be True or False; got {value!r}.")
+        if fast_batch_norm:
+            use_task_batch_norm(model)
         self.model = model
+        self.channels_last, self.fast_batch_norm = channels_last, fast_batch_norm
+        self._images = ChannelsLastImages(model, channels_last)
         self.adapted_names: tuple[str, ...] = tuple(n for n, p in model.named_parameters() if p.requires_grad)
         if not self.adapted_names:
             raise ValueError(f"{type(self).__name__} needs a model with at least one parameter with "
@@ -73,8 +91,9 @@ class MetaLearner(nn.Module, abc.ABC):
     def forward(self, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Run the model with the weights ``params`` (e.g. from :meth:`adapt`), or with θ if ``None``."""
         if params is None:
-            return self.model(x)
-        return functional_call(self.model, dict(params), (x,), strict=False)
+            return self._images(self.model, x)
+        params = dict(params)
+        return self._images(lambda images: functional_call(self.model, params, (images,), strict=False), x)
 
     @abc.abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, *, steps: int | None = None,

@@ -109,6 +109,8 @@ class MetaSGD(MetaLearner):
             (default): backtracking when an adaptation runs more than one step, the paper's plain
             step when it runs one (the setting of the paper and of learn2learn).
         max_halvings: how many times backtracking halves a step before it leaves the weights as they are.
+        channels_last, fast_batch_norm: the CPU fast paths for any network
+            (:class:`~metasgd_lightning.methods.contract.MetaLearner`).
 
     Why backtracking: a learned α is shared by every task, but the largest stable step on a task is
     about 2/λ, λ the largest curvature of that task's support loss, which differs from task to task
@@ -143,8 +145,11 @@ class MetaSGD(MetaLearner):
         per_step_lr: bool = False,
         line_search: LineSearch = "auto",
         max_halvings: int = 5,
+        *,
+        channels_last: bool = True,
+        fast_batch_norm: bool = True,
     ) -> None:
-        super().__init__(model, inner_steps)
+        super().__init__(model, inner_steps, channels_last=channels_last, fast_batch_norm=fast_batch_norm)
         if line_search not in ("auto", "backtracking", "off"):
             raise ValueError(f"`line_search` must be 'auto', 'backtracking' or 'off'; got {line_search!r}.")
         self.line_search = line_search
@@ -247,7 +252,8 @@ class MetaSGD(MetaLearner):
             raise ValueError(
                 "vectorize='vmap' with second-order meta-gradients gives wrong gradients through torch's native "
                 "BatchNorm layers (torch.func limitation). Use vectorize='loop', first_order=True, or "
-                "metasgd_lightning.methods.models.TaskBatchNorm2d in the model."
+                "metasgd_lightning.methods.fast_paths.TaskBatchNorm2d in the model (fast_batch_norm=True puts it in "
+                "place of nn.BatchNorm2d layers without running statistics)."
             )
         vectorize = choose_vectorize(vectorize, support_x.device, vmap_ok)
         require_autograd()

@@ -185,6 +185,8 @@ class Reptile(MetaLearner):
         eps: Adam's ε.
         batch_size: examples per inner step (``None``, or at least the task's examples: all of them).
         persistent_state: keep the inner Adam state across tasks and meta-steps (above); SGD has none.
+        channels_last, fast_batch_norm: the CPU fast paths for any network
+            (:class:`~metasgd_lightning.methods.contract.MetaLearner`).
 
     Reference:
         Nichol, Achiam and Schulman (2018). On First-Order Meta-Learning Algorithms. arXiv:1803.02999.
@@ -217,8 +219,11 @@ class Reptile(MetaLearner):
         eps: float = 1e-8,
         batch_size: int | None = None,
         persistent_state: bool = True,
+        *,
+        channels_last: bool = True,
+        fast_batch_norm: bool = True,
     ) -> None:
-        super().__init__(model, inner_steps)
+        super().__init__(model, inner_steps, channels_last=channels_last, fast_batch_norm=fast_batch_norm)
         self.batch_size = check_positive_int("batch_size", batch_size, or_none=True)
         if inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"`inner_optimizer` must be 'sgd' or 'adam'; got {inner_optimizer!r}.")

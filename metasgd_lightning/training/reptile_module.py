@@ -68,6 +68,11 @@ class ReptileLightningModule(MetaLearningModule):
             ``lr_scheduler`` replaces it.
         vectorize: ``"vmap"`` adapts the tasks of a meta-batch at once, ``"loop"`` one by one,
             ``"auto"`` uses vmap on GPUs and the loop on CPUs.
+        channels_last: on CPU, run a network with 2-d convolutions on channels-last images (the same
+            results, faster; it turns itself off, with a warning, for a network that cannot take them).
+        fast_batch_norm: replace the network's ``nn.BatchNorm2d(track_running_stats=False)`` layers by
+            :class:`~metasgd_lightning.methods.fast_paths.TaskBatchNorm2d` holding the same weights: the
+            same results, a faster double backward on CPU, and second-order ``vmap``.
         gradient_clip_val: clip θ − mean θ̃ to this total norm before the outer step (``None``: no clipping).
         optimizer: the outer optimiser, given θ − mean θ̃ as θ's gradient. ``None``: plain SGD with
             learning rate ε = 1, the paper's update θ ← θ + ε · mean(θ̃ − θ). Another optimiser (e.g.
@@ -106,6 +111,8 @@ class ReptileLightningModule(MetaLearningModule):
         persistent_inner_state: bool = True,
         anneal: bool = True,
         vectorize: Vectorize = "auto",
+        channels_last: bool = True,
+        fast_batch_norm: bool = True,
         gradient_clip_val: float | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -115,7 +122,8 @@ class ReptileLightningModule(MetaLearningModule):
         check_positive_int("eval_inner_batch_size", eval_inner_batch_size, or_none=True)
         self._save_hyperparameters(inspect.currentframe(), model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
         self.meta_learner = Reptile(model, inner_lr, inner_steps, inner_optimizer, inner_betas,
-                                    batch_size=inner_batch_size, persistent_state=persistent_inner_state)
+                                    batch_size=inner_batch_size, persistent_state=persistent_inner_state,
+                                    channels_last=channels_last, fast_batch_norm=fast_batch_norm)
         self.eval_inner_steps = eval_inner_steps or inner_steps
         self.eval_inner_batch_size = eval_inner_batch_size
         self.anneal = bool(anneal)
