@@ -71,6 +71,29 @@ def test_roofline_table_fractions():
     assert "ConvNet4 forward+backward, batch 75: 50.000 GFLOP in 1000.0 ms = 50.0 GFLOP/s" in throughput.ceilings_line(results, args)
 
 
+
+def test_user_network_roofline_counts_each_algorithm_and_both_network_ceilings():
+    """--network user: each row's achieved rate uses its own algorithm's FLOPs (Reptile's are not Meta-SGD's),
+    and its fraction of the network as written and of the network on channels-last images."""
+    args = type("Args", (), {"tasks": 4, "busy_threshold": 0.15, "device": torch.device("cpu"), "network": "user"})()
+    results = {
+        "gemm": {"samples": [(0.5, 0.0)], "flops": 100e9, "flops_by_op": {"mm": 100e9}},  # 200 GFLOP/s
+        "net": {"samples": [(1.0, 0.0)], "flops": 50e9, "flops_by_op": {"convolution": 50e9}},  # 50 GFLOP/s
+        "net-cl": {"samples": [(0.5, 0.0)], "flops": 50e9, "flops_by_op": {"convolution": 50e9}},  # 100 GFLOP/s
+        "l2l": {"samples": [(2.0, 0.0)], "flops": 80e9, "flops_by_op": {"convolution": 80e9}},
+        "lightning": {"samples": [(1.0, 0.0)], "flops": 88e9, "flops_by_op": {"convolution": 88e9}},
+        "reptile": {"samples": [(4.0, 0.0)], "flops": 320e9, "flops_by_op": {"convolution": 320e9}},
+    }
+    lines = throughput.roofline_table(["l2l", "lightning", "reptile"], throughput.NAMES, results, args)
+    assert "Meta-SGD 20.000, Reptile 80.000" in lines[0]
+    rows = {name: line.split(throughput.NAMES[name])[1].split()[:5]
+            for name, line in zip(["l2l", "lightning", "reptile"], lines[2:5])}
+    assert rows["l2l"] == ["2.00", "40.0", "20.0%", "80.0%", "40.0%"]  # 80 GFLOP in 2 s
+    assert rows["lightning"] == ["4.00", "80.0", "40.0%", "160.0%", "80.0%"]  # Meta-SGD's 80, not its own 88
+    assert rows["reptile"] == ["1.00", "80.0", "40.0%", "160.0%", "80.0%"]  # Reptile's own 320 in 4 s
+    assert "the same on channels-last images, batch 75: 50.000 GFLOP in 500.0 ms = 100.0 GFLOP/s" in (
+        throughput.ceilings_line(results, args))
+
 def test_quick_run_prints_the_roofline_on_cpu():
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--quick", "--tasks", "1", "--no-wait",
