@@ -57,7 +57,7 @@ steps on all 80 images of a task; its rate uses its own FLOP count). Two ceiling
 fastest the network itself runs on this CPU).
 
     python -m benchmarks.throughput                      # second and first order, real sizes, roofline
-    python -m benchmarks.throughput --network user       # your own network: standard layers, all methods
+    python -m benchmarks.throughput --network user --write   # your own network: standard layers, all methods
     python -m benchmarks.throughput --quick              # a smoke run: 4 tasks, 2 steps
     python -m benchmarks.throughput --profile            # where the time of one step goes
     python -m benchmarks.throughput --profile-lightning  # where Lightning's time per step goes (cProfile)
@@ -724,8 +724,9 @@ def roofline_table(names: list[str], labels: dict[str, str], results: dict[str, 
     return lines
 
 
-def user_network_pass(first_order: bool, args) -> None:
-    """``--network user``: every row of ``USER_IMPLS`` and the network's ceilings, in turns; tables and ratios."""
+def user_network_pass(first_order: bool, args) -> list[str]:
+    """``--network user``: every row of ``USER_IMPLS`` and the network's ceilings, in turns; the tables printed
+    (and returned) with the ratios."""
     label = "first order" if first_order else "second order"
     impls = list(USER_IMPLS[first_order])
     print(f"\n{label}, your own network: {args.steps} timed steps per implementation in {args.rounds} round(s)",
@@ -733,17 +734,49 @@ def user_network_pass(first_order: bool, args) -> None:
     results = run_turns(impls + ["gemm", "net", "net-cl"], first_order, args)
     width = max(len(NAMES[impl]) for impl in impls)
     reference = summarize(results["l2l"]["samples"], args.busy_threshold)["median"]
-    print(_header(width, "implementation", True))
+    lines = [f"{label}:", _header(width, "implementation", True)]
     seconds = {}
     for impl in impls:
         line, seconds[impl] = _row(NAMES[impl], results[impl], args, width, reference)
-        print(line)
-    print(f"  Meta-SGD (3)/(1) speed-up over learn2learn: {seconds['l2l'] / seconds['lightning']:.2f}x   "
-          f"MAML (5)/(4): {seconds['l2l-maml'] / seconds['maml']:.2f}x   "
-          f"the fast paths (3)/(3'): {seconds['lightning-plain'] / seconds['lightning']:.2f}x")
-    print(ceilings_line(results, args))
-    print("\n".join(roofline_table(impls, NAMES, results, args)))
-    print(f"  load average: {load()}", flush=True)
+        lines.append(line)
+    lines.append(f"  Meta-SGD (3)/(1) speed-up over learn2learn: {seconds['l2l'] / seconds['lightning']:.2f}x   "
+                 f"MAML (5)/(4): {seconds['l2l-maml'] / seconds['maml']:.2f}x   "
+                 f"the fast paths (3)/(3'): {seconds['lightning-plain'] / seconds['lightning']:.2f}x")
+    lines.append(ceilings_line(results, args))
+    lines += roofline_table(impls, NAMES, results, args)
+    lines.append(f"  load average: {load()}")
+    print("\n".join(lines[1:]), flush=True)
+    return lines
+
+
+def write_user_network_section(lines: list[str], args, started: str) -> None:
+    """The ``--network user`` tables as the ``throughput_user_network`` section of docs/results.md."""
+    import datetime
+
+    from benchmarks._results import write_results
+
+    command = "python -m benchmarks.throughput --network user" + "".join(
+        f" --{flag} {getattr(args, flag)}" for flag in ("steps", "rounds", "tasks")
+        if getattr(args, flag) != {"steps": 6, "rounds": 2, "tasks": 32}[flag]) + "".join(
+        f" --{flag.replace('_', '-')}" for flag in ("first_order_only", "second_order_only", "no_wait")
+        if getattr(args, flag))
+    section = "\n".join([
+        "## Training-step throughput on your own network (standard torch layers)",
+        "",
+        f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}; load average at start {started}. A network written only from standard "
+        "torch layers (`benchmarks.throughput.user_network`: `nn.Conv2d`, `nn.BatchNorm2d(track_running_stats=False)`, "
+        "`nn.ReLU`, `nn.MaxPool2d`, `nn.Linear`; NCHW input), ConvNet4's shapes, 5-way 1-shot, 15 queries per class, "
+        f"{args.tasks} tasks per step, one inner step, on the same batches for every row; medians of timed steps "
+        "taken by turns in fresh processes. `net fwd+bwd`: the network's own forward+backward as written; "
+        "`net-cl`: the same on channels-last images. (3') is our module with `channels_last=False, "
+        "fast_batch_norm=False`: the network exactly as given.",
+        "",
+        "```",
+        *lines,
+        "```",
+    ])
+    write_results("throughput_user_network", [{"lines": lines, "command": command}], section)
 
 
 def load() -> str:
@@ -765,6 +798,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 tasks, 2 steps, 1 round")
     parser.add_argument("--network", choices=("convnet4", "user"), default="convnet4",
                         help="convnet4: ours; user: a network of standard torch layers (user_network), all methods")
+    parser.add_argument("--write", action="store_true",
+                        help="--network user: write the tables to docs/results.md (section throughput_user_network)")
     parser.add_argument("--downsample", choices=("maxpool", "stride"), default="maxpool")
     parser.add_argument("--vectorize", choices=("auto", "loop", "vmap"), default="auto",
                         help="our core's and module's inner loop (auto: vmap on CUDA, loop on CPU)")
@@ -845,8 +880,10 @@ def main() -> None:
         return
 
     if args.network == "user":
-        for first_order in orders(args):
-            user_network_pass(first_order, args)
+        started = load()
+        lines = [line for first_order in orders(args) for line in user_network_pass(first_order, args)]
+        if args.write:
+            write_user_network_section(lines, args, started)
         return
 
     for first_order in orders(args):
