@@ -356,13 +356,14 @@ class FlopCount:
     """FLOPs of the aten ops run inside it, by torch.utils.flop_counter's formulas (see the module docstring)."""
 
     def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils.flop_counter import flop_registry
+
+        from metasgd_lightning._internals.torch_internals import torch_dispatch_mode
 
         self.by_op: dict[str, int] = {}
         counter = self
 
-        class _Mode(TorchDispatchMode):
+        class _Mode(torch_dispatch_mode()):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 out = func(*args, **kwargs)

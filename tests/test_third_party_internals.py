@@ -39,6 +39,22 @@ def test_task_batch_norm_takes_the_native_kernel_only_outside_transforms(monkeyp
     torch.testing.assert_close(plain, batched)
 
 
+
+def test_torch_still_has_its_dispatch_mode_for_counting_flops():
+    from metasgd_lightning._internals.torch_internals import torch_dispatch_mode
+
+    seen = []
+
+    class Ops(torch_dispatch_mode()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func._overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 2, requires_grad=True)
+    with Ops():
+        torch.autograd.grad(torch.mm(x, x).sum(), x)  # the backward's ops too
+    assert seen.count("aten.mm") == 3, seen
+
 # -- ModelCheckpoint and the fit loop (metasgd_lightning.training.callbacks) -------------------------------------------
 
 

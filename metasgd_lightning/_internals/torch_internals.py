@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["functorch_transform_active"]
+__all__ = ["functorch_transform_active", "torch_dispatch_mode"]
 
 
 def functorch_transform_active() -> bool:
@@ -16,3 +16,15 @@ def functorch_transform_active() -> bool:
     """
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return True if active is None else bool(active())
+
+
+def torch_dispatch_mode() -> type:
+    """torch's base class of a mode that sees every aten op (``TorchDispatchMode``), for counting FLOPs.
+
+    torch exports it only from the private ``torch.utils._python_dispatch``; ``torch.utils.flop_counter``'s
+    public ``FlopCounterMode`` tracks modules with hooks that refuse ``torch.autograd.grad``, so it cannot
+    follow an inner loop (``benchmarks/throughput.py``).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
