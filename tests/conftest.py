@@ -1,4 +1,7 @@
+import contextlib
+import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -178,4 +181,42 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> 
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"metasgd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_in_process(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """``metasgd ARGS`` through its entry point in this process, as :func:`run_cli` runs it in a new one but without
+    the seconds of an interpreter's start-up: for tests of what a command does and says, not of the process itself.
+
+    Gives what the process would: the exit status (a ``SystemExit`` message: status 1 and the message on stderr, as
+    Python prints it) and what was written to stdout and stderr, Lightning's log lines included. Any other exception
+    (a traceback, in a real process) propagates.
+    """
+    from metasgd_lightning.commands.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    handler = logging.StreamHandler(err)
+    argv, sys.argv = sys.argv, ["metasgd"]  # as the console script calls main()
+    try:
+        for logger in loggers:
+            logger.addHandler(handler)
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code
+    finally:
+        sys.argv = argv
+        for logger in loggers:
+            logger.removeHandler(handler)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        err.write(f"{code}\n")
+        code = 1
+    proc = subprocess.CompletedProcess(["metasgd", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"metasgd {' '.join(args)} failed ({code}):\n{proc.stdout}\n{proc.stderr}")
     return proc
