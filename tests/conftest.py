@@ -184,20 +184,21 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> 
     return proc
 
 
-def run_in_process(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "metasgd") -> subprocess.CompletedProcess:
     """``metasgd ARGS`` through its entry point in this process, as :func:`run_cli` runs it in a new one but without
     the seconds of an interpreter's start-up: for tests of what a command does and says, not of the process itself.
 
     Gives what the process would: the exit status (a ``SystemExit`` message: status 1 and the message on stderr, as
     Python prints it) and what was written to stdout and stderr, Lightning's log lines included. Any other exception
-    (a traceback, in a real process) propagates.
+    (a traceback, in a real process) propagates. ``program`` is ``sys.argv[0]`` (``python -m metasgd_lightning``
+    gives the path of its ``__main__.py``).
     """
     from metasgd_lightning.commands.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
     handler = logging.StreamHandler(err)
-    argv, sys.argv = sys.argv, ["metasgd"]  # as the console script calls main()
+    argv, sys.argv = sys.argv, [program]  # as the console script calls main()
     try:
         for logger in loggers:
             logger.addHandler(handler)
