@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -189,8 +190,8 @@ def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "me
     the seconds of an interpreter's start-up: for tests of what a command does and says, not of the process itself.
 
     Gives what the process would: the exit status (a ``SystemExit`` message: status 1 and the message on stderr, as
-    Python prints it) and what was written to stdout and stderr, Lightning's log lines included. Any other exception
-    (a traceback, in a real process) propagates. ``program`` is ``sys.argv[0]`` (``python -m metasgd_lightning``
+    Python prints it; an uncaught exception: status 1 and its traceback on stderr) and what was written to stdout
+    and stderr, Lightning's log lines included. ``program`` is ``sys.argv[0]`` (``python -m metasgd_lightning``
     gives the path of its ``__main__.py``).
     """
     from metasgd_lightning.commands.cli import main
@@ -208,6 +209,9 @@ def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "me
                 code = 0
             except SystemExit as exit_:
                 code = exit_.code
+            except Exception:  # noqa: BLE001 - what the interpreter does with it: a traceback and status 1
+                traceback.print_exc(file=err)
+                code = 1
     finally:
         sys.argv = argv
         for logger in loggers:
