@@ -228,18 +228,23 @@ class _StepTimer(L.Callback):
 
 def time_turns(row: dict) -> dict:
     """Every method of ``row["methods"]`` on ``row["problem"]``: ``row["rounds"]`` turns of ``row["steps"]`` timed
-    meta-steps each (after one warm-up step per turn), in this one process; the samples per method."""
+    meta-steps each (after one warm-up step per turn), in this one process; the samples per method.
+
+    ``row["variants"]`` (optional) names the rows to time instead: ``{label: (method, Trainer arguments)}``, e.g.
+    one method under two precisions (``benchmarks.bf16_learning``); the result is keyed by those labels."""
     quiet()
     torch.manual_seed(row["seed"])
-    problem, names = row["problem"], row["methods"]
+    problem = row["problem"]
+    variants = row.get("variants") or {name: (name, {}) for name in row["methods"]}
+    names = list(variants)
     # With max_wait 0 it waits for nothing but still measures how busy the other processes kept the CPUs.
     clock = StepClock(SimpleNamespace(device=torch.device("cpu"), no_wait=False,
                                       busy_threshold=row["busy_threshold"], max_wait=row["max_wait"]))
     setups = {}
     for name in names:
         L.seed_everything(row["seed"], verbose=False)
-        module, _ = build_module(problem, name)
-        data, info = build_data(problem, name, row["steps"] + 1, row["seed"], row["root"], test_tasks=1)
+        module, _ = build_module(problem, variants[name][0])
+        data, info = build_data(problem, variants[name][0], row["steps"] + 1, row["seed"], row["root"], test_tasks=1)
         data.setup("fit")
         batches = [batch for _, batch in zip(range(row["steps"] + 1), data.train_dataloader())]
         setups[name] = (module, batches, info)
@@ -250,7 +255,7 @@ def time_turns(row: dict) -> dict:
             module, batches, _ = setups[name]
             timer = _StepTimer(clock)
             trainer = L.Trainer(max_steps=len(batches), limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],
-                                **TRAINER_ARGS)
+                                **{**TRAINER_ARGS, **variants[name][1]})
             trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False))
             samples[name] += timer.samples
         print(f"  timing {problem}, round {r + 1}/{row['rounds']}: " + ", ".join(

@@ -1,8 +1,15 @@
+import contextlib
+import io
+import json
+import logging
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
+import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +29,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+#: The file (plus ``.<worker>``) in which each pytest-xdist worker tells the controller its tests' groups and costs.
+_PLAN_VARIABLE = "METASGD_TEST_PLAN"
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER") or not config.pluginmanager.hasplugin("xdist"):
+        return
+    if config.getoption("dist", "no") == "loadgroup" and config.getoption("numprocesses", None):
+        folder = tempfile.mkdtemp(prefix="metasgd-test-plan-")
+        os.environ[_PLAN_VARIABLE] = os.path.join(folder, "plan")  # the workers, started after this, inherit it
+        config.pluginmanager.register(_SchedulerPlugin(folder), "metasgd-test-scheduler")
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under ``--dist loadgroup``, keep the tests that share a module-scoped fixture of their module on one worker.
@@ -30,6 +50,10 @@ def pytest_collection_modifyitems(config, items):
     sharing one, directly or through each other, get one ``xdist_group``, so it is computed once. Every other test is
     scheduled on its own. A session-scoped fixture that runs through :func:`once_per_session` is computed once for
     all workers, so its tests need no group. Runs before xdist turns the marks into groups.
+
+    pytest-xdist 3.8 reads a group from the test's node id, which it extends with ``@<group>`` by a private attribute
+    that pytest 9 no longer reads: the groups were silently ignored. So each worker also writes its tests' groups,
+    and their ``cost`` marks, to a file that the scheduler of :class:`_SchedulerPlugin` reads in the controller.
     """
     parent: dict[str, str] = {}
 
@@ -53,6 +77,73 @@ def pytest_collection_modifyitems(config, items):
             shared[item] = keys
     for item, keys in shared.items():
         item.add_marker(pytest.mark.xdist_group(find(keys[0])))
+
+    plan, worker = os.environ.get(_PLAN_VARIABLE), os.environ.get("PYTEST_XDIST_WORKER")
+    if plan and worker:
+        tests = {}
+        for item in items:
+            group = item.get_closest_marker("xdist_group")
+            cost = item.get_closest_marker("cost")
+            tests[item.nodeid] = [group.args[0] if group and group.args else None, cost.args[0] if cost else 0]
+        Path(f"{plan}.{worker}.tmp").write_text(json.dumps(tests))
+        os.replace(f"{plan}.{worker}.tmp", f"{plan}.{worker}")
+
+
+class _SchedulerPlugin:
+    """Registered in the pytest-xdist controller under ``--dist loadgroup``: schedules by ``_PlanScheduling``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_xdist_make_scheduler(self, config, log):
+        from xdist.scheduler import LoadGroupScheduling  # the controller has pytest-xdist: it registered this
+
+        class PlanScheduling(LoadGroupScheduling):
+            """``--dist loadgroup`` with the groups the workers wrote (see :func:`pytest_collection_modifyitems`),
+            the work unit with the highest summed ``cost`` marks handed out next (ties in collection order): the long
+            real-process runs start first and the many short tests fill in at the end, so the workers end together.
+            """
+
+            def __init__(self, config, log=None) -> None:
+                super().__init__(config, log)
+                config.option.loadscopereorder = False  # units in collection order; _CostliestFirst picks among them
+                self.workqueue = _CostliestFirst(self._cost)
+                self._plan: dict[str, list] | None = None
+
+            def _planned(self, nodeid: str) -> list:
+                if self._plan is None:
+                    folder, name = os.path.split(os.environ[_PLAN_VARIABLE])
+                    files = sorted(f for f in os.listdir(folder) if f.startswith(name + ".") and not f.endswith(".tmp"))
+                    self._plan = json.loads(Path(folder, files[0]).read_text()) if files else {}
+                return self._plan.get(nodeid, [None, 0])
+
+            def _cost(self, work_unit: dict[str, bool]) -> float:
+                return sum(self._planned(nodeid)[1] for nodeid in work_unit)
+
+            def _split_scope(self, nodeid: str) -> str:
+                group = self._planned(nodeid)[0]
+                return group if group is not None else super()._split_scope(nodeid)
+
+        return PlanScheduling(config, log)
+
+    def pytest_unconfigure(self, config):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _CostliestFirst(OrderedDict):
+    """pytest-xdist's queue of work units (``scope -> {nodeid: done}``); ``popitem(last=False)``, the scheduler's
+    "next unit", gives the costliest unit, the earliest of equally costly ones."""
+
+    def __init__(self, cost: Callable[[dict], float]) -> None:
+        super().__init__()
+        self.cost = cost
+
+    def popitem(self, last: bool = True):
+        if last or not self:
+            return super().popitem(last)
+        scope = max(self, key=lambda scope: self.cost(self[scope]))  # the first of the maxima
+        return scope, self.pop(scope)
 
 
 def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> object:
@@ -91,4 +182,46 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> 
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"metasgd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "metasgd") -> subprocess.CompletedProcess:
+    """``metasgd ARGS`` through its entry point in this process, as :func:`run_cli` runs it in a new one but without
+    the seconds of an interpreter's start-up: for tests of what a command does and says, not of the process itself.
+
+    Gives what the process would: the exit status (a ``SystemExit`` message: status 1 and the message on stderr, as
+    Python prints it; an uncaught exception: status 1 and its traceback on stderr) and what was written to stdout
+    and stderr, Lightning's log lines included. ``program`` is ``sys.argv[0]`` (``python -m metasgd_lightning``
+    gives the path of its ``__main__.py``).
+    """
+    from metasgd_lightning.commands.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    handler = logging.StreamHandler(err)
+    argv, sys.argv = sys.argv, [program]  # as the console script calls main()
+    try:
+        for logger in loggers:
+            logger.addHandler(handler)
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code
+            except Exception:  # noqa: BLE001 - what the interpreter does with it: a traceback and status 1
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        sys.argv = argv
+        for logger in loggers:
+            logger.removeHandler(handler)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        err.write(f"{code}\n")
+        code = 1
+    proc = subprocess.CompletedProcess(["metasgd", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"metasgd {' '.join(args)} failed ({code}):\n{proc.stdout}\n{proc.stderr}")
     return proc

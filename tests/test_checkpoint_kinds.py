@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_in_process
 from metasgd_lightning.commands.inference import adapt_to_folder, checkpoint_transform, load_meta_learner
 from metasgd_lightning.commands.plotting import plot_learned_rates
 from metasgd_lightning.training.checkpointing import CheckpointCorruptError, foreign_format
@@ -16,9 +16,9 @@ from metasgd_lightning.training.checkpointing import CheckpointCorruptError, for
 @pytest.fixture(scope="module")
 def sine_checkpoint(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sine")
-    run_cli("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "2", "--data.val_tasks",
-            "4", "--trainer.max_steps", "1", "--trainer.enable_model_summary", "false", "--trainer.default_root_dir",
-            str(tmp_path / "run"), cwd=tmp_path)
+    run_in_process("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "2",
+                   "--data.val_tasks", "4", "--trainer.max_steps", "1", "--trainer.enable_model_summary", "false",
+                   "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path)
     return tmp_path / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -59,8 +59,8 @@ def test_an_image_given_as_a_checkpoint_is_called_not_a_checkpoint(png, tmp_path
     with pytest.raises(ValueError, match="is not a PyTorch checkpoint: it is a PNG image"):
         plot_learned_rates(png, tmp_path / "lrs.png")
     assert "is not a PyTorch checkpoint: it is a PNG image" in str(CheckpointCorruptError(png))
-    proc = run_cli("test", "--config", str(REPO / "configs/sine_5shot.yaml"), "--ckpt_path", str(png), cwd=tmp_path,
-                   check=False)
+    proc = run_in_process("test", "--config", str(REPO / "configs/sine_5shot.yaml"), "--ckpt_path", str(png),
+                          cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "is not a PyTorch checkpoint: it is a PNG image" in proc.stderr
 
 

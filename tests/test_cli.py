@@ -1,4 +1,5 @@
-"""The `metasgd` command end to end, in subprocesses as a user runs it."""
+"""The `metasgd` command end to end: one fit in a real process as a user runs it (shared by the tests of its
+logs, checkpoints and output), the other runs by its entry point in this process (``run_in_process``)."""
 
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, once_per_session, run_cli
+from conftest import REPO, once_per_session, run_cli, run_in_process
 from metasgd_lightning import MetaSGDLightningModule, SineMLP
 from metasgd_lightning.commands.cli import main
 
@@ -15,10 +16,10 @@ SMALL = ["--data.meta_batch_size", "4", "--data.train_tasks_per_epoch", "400", "
          "--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1", "--trainer.enable_model_summary", "false"]
 
 
-def _fit(tmp_path, *extra, max_steps=6):
-    return run_cli("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), *SMALL,
-                   "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", str(tmp_path / "run"),
-                   "--checkpoint.dirpath", str(tmp_path / "ckpt"), *extra, cwd=tmp_path)
+def _fit(tmp_path, *extra, max_steps=6, run=run_cli):
+    return run("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), *SMALL,
+               "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", str(tmp_path / "run"),
+               "--checkpoint.dirpath", str(tmp_path / "ckpt"), *extra, cwd=tmp_path)
 
 
 def _events(log_dir):
@@ -84,10 +85,10 @@ def test_third_party_noise_is_silenced(trained):
 
 
 def test_resume_continues_global_step_optimizer_and_rates(tmp_path):
-    _fit(tmp_path, max_steps=6)
+    _fit(tmp_path, max_steps=6, run=run_in_process)
     first = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 6
-    proc = _fit(tmp_path, "--ckpt_path", "last", max_steps=9)
+    proc = _fit(tmp_path, "--ckpt_path", "last", max_steps=9, run=run_in_process)
     assert "Restoring states from the checkpoint" in proc.stdout + proc.stderr
     resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 9
@@ -116,9 +117,9 @@ def test_load_from_checkpoint_rebuilds_the_model_from_the_cli_config(trained):
 
 def test_test_subcommand_prints_mean_and_interval(trained):
     tmp_path, _ = trained
-    proc = run_cli("test", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.test_tasks", "12",
-                   "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-                   "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), cwd=tmp_path)
+    proc = run_in_process("test", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.test_tasks", "12",
+                          "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+                          "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"), cwd=tmp_path)
     assert "Test mse:" in proc.stdout and "95% CI" in proc.stdout
     log_dir = max((tmp_path / "run" / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
     scalars = _scalars(log_dir)
@@ -131,9 +132,9 @@ def test_checkpoint_of_another_architecture_is_named(trained, tmp_path):
     checkpoint = torch.load(trained[0] / "ckpt" / "last.ckpt", weights_only=False)
     del checkpoint["hyper_parameters"]
     torch.save(checkpoint, tmp_path / "bare.ckpt")
-    proc = run_cli("validate", "--config", str(REPO / "configs/sine_5shot.yaml"), "--model.model.init_args.hidden", "20",
-                   "--trainer.default_root_dir", str(tmp_path / "other"), "--checkpoint.dirpath", str(tmp_path / "other"),
-                   "--ckpt_path", str(tmp_path / "bare.ckpt"), cwd=tmp_path, check=False)
+    proc = run_in_process("validate", "--config", str(REPO / "configs/sine_5shot.yaml"), "--model.model.init_args.hidden", "20",
+                          "--trainer.default_root_dir", str(tmp_path / "other"), "--checkpoint.dirpath", str(tmp_path / "other"),
+                          "--ckpt_path", str(tmp_path / "bare.ckpt"), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert "different architecture" in proc.stderr and "(40, 1) in the checkpoint but (20, 1) here" in proc.stderr
 
@@ -143,7 +144,7 @@ def test_unknown_config_key_is_named(tmp_path):
     text = (REPO / "configs/sine_5shot.yaml").read_text()
     assert "\n  inner_steps:" in text  # else the "typo" would be no typo, and this would run the whole demo
     config.write_text(text.replace("\n  inner_steps:", "\n  inner_stepz:"))
-    proc = run_cli("fit", "--config", str(config), cwd=tmp_path, check=False)
+    proc = run_in_process("fit", "--config", str(config), cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "inner_stepz" in proc.stderr
 
 
@@ -174,9 +175,9 @@ def test_help_lists_the_meta_sgd_arguments(tmp_path, capsys, monkeypatch):
 
 
 def test_a_run_stopped_mid_epoch_still_reports_a_final_validation(tmp_path):
-    proc = run_cli("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "4",
-                   "--data.val_tasks", "8", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
-                   "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
+    proc = run_in_process("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "4",
+                          "--data.val_tasks", "8", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
+                          "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
     assert "Final validation mse:" in proc.stdout
 
 
@@ -186,9 +187,9 @@ def test_a_run_stopped_mid_epoch_still_reports_a_final_validation(tmp_path):
 def test_reptile_config_fits_tests_and_loads_through_the_cli(tmp_path):
     from metasgd_lightning import ReptileLightningModule
 
-    proc = run_cli("fit", "--config", str(REPO / "configs/reptile_sine.yaml"), *SMALL, "--trainer.max_steps", "4",
-                   "--model.eval_inner_steps", "4", "--trainer.default_root_dir", str(tmp_path / "run"),
-                   "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
+    proc = run_in_process("fit", "--config", str(REPO / "configs/reptile_sine.yaml"), *SMALL, "--trainer.max_steps", "4",
+                          "--model.eval_inner_steps", "4", "--trainer.default_root_dir", str(tmp_path / "run"),
+                          "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
     assert "Final validation mse:" in proc.stdout and "95% CI" in proc.stdout
     scalars = _scalars(tmp_path / "run" / "lightning_logs" / "version_0")
     for tag in ("train/support_loss_before", "train/support_loss_after", "train/outer_step_norm", "val/mse",
@@ -206,14 +207,14 @@ def test_reptile_config_fits_tests_and_loads_through_the_cli(tmp_path):
     again = ReptileLightningModule.load_from_checkpoint(checkpoint)
     assert torch.equal(module.predict_step(batch, 0), again.predict_step(batch, 0))
 
-    tested = run_cli("test", "--config", str(REPO / "configs/reptile_sine.yaml"), "--data.test_tasks", "12",
-                     "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-                     "--ckpt_path", str(checkpoint), cwd=tmp_path)
+    tested = run_in_process("test", "--config", str(REPO / "configs/reptile_sine.yaml"), "--data.test_tasks", "12",
+                            "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+                            "--ckpt_path", str(checkpoint), cwd=tmp_path)
     assert "Test mse:" in tested.stdout and "95% CI" in tested.stdout
 
-    resumed = run_cli("fit", "--config", str(REPO / "configs/reptile_sine.yaml"), *SMALL, "--trainer.max_steps", "6",
-                      "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-                      "--ckpt_path", "last", cwd=tmp_path)
+    resumed = run_in_process("fit", "--config", str(REPO / "configs/reptile_sine.yaml"), *SMALL, "--trainer.max_steps", "6",
+                             "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+                             "--ckpt_path", "last", cwd=tmp_path)
     assert "Restoring states from the checkpoint" in resumed.stdout + resumed.stderr
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
 
@@ -222,7 +223,7 @@ def test_reptile_omniglot_config_parses_and_fits_a_few_steps(tmp_path):
     import fixtures_episodic as fx
 
     config = str(REPO / "configs/reptile_omniglot_5way_1shot.yaml")
-    printed = run_cli("fit", "--config", config, "--print_config", cwd=tmp_path).stdout
+    printed = run_in_process("fit", "--config", config, "--print_config", cwd=tmp_path).stdout
     for setting in ("class_path: metasgd_lightning.ReptileLightningModule", "inner_optimizer: adam", "inner_lr: 0.001",
                     "inner_steps: 5", "inner_batch_size: 10", "eval_inner_steps: 50", "meta_batch_size: 5",
                     "class_path: datamodules.OmniglotDataModule", "inference_mode: false"):
@@ -231,13 +232,13 @@ def test_reptile_omniglot_config_parses_and_fits_a_few_steps(tmp_path):
     # A small Omniglot-layout folder (16 characters of 4 drawings) and small settings, so that it runs in seconds;
     # 3 ways also checks that the data module's ways still reach the model's outputs.
     root = fx.omniglot_folder(tmp_path / "omni", alphabets=2, characters=8)
-    proc = run_cli("fit", "--config", config, "--data.root", str(root), "--data.layout", "folder",
-                   "--data.fractions", "[0.5, 0.25, 0.25]", "--data.ways", "3", "--data.download", "false",
-                   "--data.queries", "1", "--data.train_queries", "3", "--data.meta_batch_size", "2",
-                   "--data.val_tasks", "4", "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "8",
-                   "--model.eval_inner_steps", "3", "--trainer.max_steps", "2",
-                   "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-                   cwd=tmp_path)
+    proc = run_in_process("fit", "--config", config, "--data.root", str(root), "--data.layout", "folder",
+                          "--data.fractions", "[0.5, 0.25, 0.25]", "--data.ways", "3", "--data.download", "false",
+                          "--data.queries", "1", "--data.train_queries", "3", "--data.meta_batch_size", "2",
+                          "--data.val_tasks", "4", "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "8",
+                          "--model.eval_inner_steps", "3", "--trainer.max_steps", "2",
+                          "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+                          cwd=tmp_path)
     assert "Final validation acc:" in proc.stdout, proc.stdout + proc.stderr
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
     assert state["meta_learner.model.classifier.weight"].shape[0] == 3

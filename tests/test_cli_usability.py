@@ -1,13 +1,17 @@
 """What a first-time user of ``metasgd`` meets: misspelt options refused by name, run folders that follow
-``--trainer.default_root_dir``, absolute paths in the summary, and the command's own name in its usage."""
+``--trainer.default_root_dir``, absolute paths in the summary, and the command's own name in its usage.
+
+The commands run in this process (``main`` or ``run_in_process``), except ``python -m metasgd_lightning --help``."""
 
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+import metasgd_lightning
+from conftest import REPO, run_cli, run_in_process
 from metasgd_lightning.commands.cli import main
 
 SINE = str(REPO / "configs/sine_5shot.yaml")
@@ -54,14 +58,17 @@ def test_python_dash_m_calls_itself_metasgd(tmp_path):
     assert proc.stdout.startswith("usage: metasgd ") and "__main__.py" not in proc.stdout
     unwrapped = " ".join(re.sub(r"-\n\s*", "-", proc.stdout).split())  # argparse wraps the epilog, at hyphens too
     assert "Commands on a checkpoint, each with --help: adapt, plot-lrs, plot-sine, plot-tasks." in unwrapped
+    # The commands on a checkpoint, by the entry point in this process, given the sys.argv[0] of `python -m`.
+    program = str(Path(metasgd_lightning.__file__).with_name("__main__.py"))
     for command in ("adapt", "plot-lrs", "plot-sine", "plot-tasks"):
-        assert run_cli(command, "--help", cwd=tmp_path).stdout.startswith(f"usage: metasgd {command} ")
+        proc = run_in_process(command, "--help", cwd=tmp_path, program=program)
+        assert proc.stdout.startswith(f"usage: metasgd {command} ")
 
 
 def test_default_root_dir_holds_logs_and_checkpoints_and_last_resumes_from_there(tmp_path):
     small = ["--data.meta_batch_size", "4", "--data.val_tasks", "8", "--trainer.enable_model_summary", "false",
              "--trainer.default_root_dir", "my_run"]  # relative to the working folder
-    first = run_cli("fit", "--config", SINE, *small, "--trainer.max_steps", "2", cwd=tmp_path)
+    first = run_in_process("fit", "--config", SINE, *small, "--trainer.max_steps", "2", cwd=tmp_path)
     run = tmp_path / "my_run"
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "lightning_logs" / "version_0").is_dir()
     assert not (tmp_path / "runs").exists()  # not the config's runs/sine_5shot
@@ -72,15 +79,17 @@ def test_default_root_dir_holds_logs_and_checkpoints_and_last_resumes_from_there
     command = shlex.split(watch.removeprefix("Watch them: "))
     assert command[0].startswith("/") and command[-2:] == ["--logdir", str(run)]
 
-    resumed = run_cli("fit", "--config", SINE, *small, "--trainer.max_steps", "4", "--ckpt_path", "last", cwd=tmp_path)
+    resumed = run_in_process("fit", "--config", SINE, *small, "--trainer.max_steps", "4", "--ckpt_path", "last",
+                             cwd=tmp_path)
     assert f"Restoring states from the checkpoint path at {run / 'checkpoints' / 'last.ckpt'}" in resumed.stdout + resumed.stderr
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_checkpoint_dirpath_still_wins_over_default_root_dir(tmp_path):
-    run_cli("fit", "--config", SINE, "--data.meta_batch_size", "4", "--data.val_tasks", "8", "--trainer.max_steps", "1",
-            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path / "run"),
-            "--checkpoint.dirpath", str(tmp_path / "elsewhere"), cwd=tmp_path)
+    run_in_process("fit", "--config", SINE, "--data.meta_batch_size", "4", "--data.val_tasks", "8",
+                   "--trainer.max_steps", "1", "--trainer.enable_model_summary", "false",
+                   "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "elsewhere"),
+                   cwd=tmp_path)
     assert (tmp_path / "elsewhere" / "last.ckpt").is_file() and not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import fixtures_episodic as fx
-from conftest import once_per_session
+from conftest import once_per_session, run_in_process
 from datamodules import ImageFolderDataModule, SineDataModule
 from datamodules.episodic import ImageReadError
 from datamodules.sampling import TaskDataLoader, TaskIndexSampler
@@ -46,10 +46,13 @@ def _fit(run: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedPr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "PYTHONWARNINGS": "ignore"}
     for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(name, None)
-    args = ["fit", "--config", str(REPO / "configs/sine_5shot.yaml"), *SMALL, "--trainer.default_root_dir", str(run),
+    return subprocess.run([sys.executable, "-m", "metasgd_lightning", *_fit_args(run, *extra)], cwd=run.parent,
+                          env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+def _fit_args(run: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs/sine_5shot.yaml"), *SMALL, "--trainer.default_root_dir", str(run),
             "--checkpoint.dirpath", str(run / "ckpt"), *extra]
-    return subprocess.run([sys.executable, "-m", "metasgd_lightning", *args], cwd=run.parent, env=env,
-                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
 
 
 def _fault(name: str, **init_args) -> list[str]:
@@ -177,7 +180,7 @@ def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one_beside_it(tm
     intact.write_bytes((reference[0] / "ckpt" / "last.ckpt").read_bytes())
     broken = folder / "last.ckpt"
     broken.write_bytes(intact.read_bytes()[:20_000])
-    proc = _fit(tmp_path / "run", "--ckpt_path", str(broken))
+    proc = run_in_process(*_fit_args(tmp_path / "run", "--ckpt_path", str(broken)), cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert (f"metasgd fit: Checkpoint {broken} is truncated or corrupt. The newest intact checkpoint beside it is "
             f"{intact}: resume with --ckpt_path {intact}.") in proc.stderr

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import fixtures_episodic as fx
-from conftest import REPO, run_cli
+from conftest import REPO, run_in_process
 from datamodules import OmniglotDataModule
 from datamodules.images import ImageReadError
 from datamodules.preprocessing import ImageTransform
@@ -97,11 +97,11 @@ def test_regression_adaptation_fits_the_new_task():
 
 
 def test_plot_lrs_draws_a_png(python_checkpoint, tmp_path):
-    proc = run_cli("plot-lrs", str(python_checkpoint), "--out", str(tmp_path / "lrs.png"), cwd=tmp_path)
+    proc = run_in_process("plot-lrs", str(python_checkpoint), "--out", str(tmp_path / "lrs.png"), cwd=tmp_path)
     assert "Wrote" in proc.stdout
     data = (tmp_path / "lrs.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    bad = run_cli("plot-lrs", str(tmp_path / "missing.ckpt"), cwd=tmp_path, check=False)
+    bad = run_in_process("plot-lrs", str(tmp_path / "missing.ckpt"), cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "No checkpoint at" in bad.stderr
 
 
@@ -110,15 +110,15 @@ def test_plot_lrs_draws_a_png(python_checkpoint, tmp_path):
 
 @pytest.fixture(scope="module")
 def cli_checkpoint(tmp_path_factory):
-    """A 3-way Omniglot checkpoint written by `metasgd fit` (2 meta-steps of a tiny ConvNet4)."""
+    """A 3-way Omniglot checkpoint written by `metasgd fit` (2 meta-steps of a tiny ConvNet4), in this process."""
     tmp_path = tmp_path_factory.mktemp("omniglot_fit")
     root = fx.omniglot_folder(tmp_path / "omniglot")
-    run_cli("fit", "--config", str(REPO / "configs/omniglot_5way_1shot.yaml"), "--data.root", str(root),
-            "--data.layout", "folder", "--data.download", "false", "--data.ways", "3",
-            "--data.fractions", "[0.5, 0.25, 0.25]", "--data.meta_batch_size", "2", "--data.val_tasks", "2",
-            "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "4", "--trainer.max_steps", "2",
-            "--trainer.logger", "false", "--trainer.enable_model_summary", "false",
-            "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
+    run_in_process("fit", "--config", str(REPO / "configs/omniglot_5way_1shot.yaml"), "--data.root", str(root),
+                   "--data.layout", "folder", "--data.download", "false", "--data.ways", "3",
+                   "--data.fractions", "[0.5, 0.25, 0.25]", "--data.meta_batch_size", "2", "--data.val_tasks", "2",
+                   "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "4", "--trainer.max_steps", "2",
+                   "--trainer.logger", "false", "--trainer.enable_model_summary", "false",
+                   "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
     return tmp_path / "ckpt" / "last.ckpt"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_in_process
 from datamodules.lake_oneshot import OmniglotOneShotDataModule
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule
 
@@ -60,9 +60,9 @@ def test_metasgd_test_prints_per_run_errors_and_the_mean(tmp_path):
     trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=0)
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "20way.ckpt")
-    proc = run_cli("test", "--config", str(REPO / "configs/omniglot_lake_oneshot.yaml"), "--data.root", str(root),
-                   "--trainer.default_root_dir", str(tmp_path / "runs"), "--checkpoint.dirpath", str(tmp_path / "ck"),
-                   "--ckpt_path", str(tmp_path / "20way.ckpt"), cwd=tmp_path)
+    proc = run_in_process("test", "--config", str(REPO / "configs/omniglot_lake_oneshot.yaml"), "--data.root",
+                          str(root), "--trainer.default_root_dir", str(tmp_path / "runs"), "--checkpoint.dirpath",
+                          str(tmp_path / "ck"), "--ckpt_path", str(tmp_path / "20way.ckpt"), cwd=tmp_path)
     printed = dict(re.findall(r"(run\d\d): error ([\d.]+)%", proc.stdout))
     assert sorted(printed) == ["run01", "run02"]
     # The same errors computed here, run by run.

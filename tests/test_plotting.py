@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_in_process
 from metasgd_lightning.commands.plotting import plot_learned_rates
 
 
@@ -25,7 +25,7 @@ def test_plot_lrs_reads_checkpoints_with_weights_only_loading(tmp_path):
     with pytest.raises(ValueError, match="could not be read as a PyTorch checkpoint.*trusted=True"):
         plot_learned_rates(path, tmp_path / "lrs.png")
     assert not marker.exists() and not (tmp_path / "lrs.png").exists()
-    proc = run_cli("plot-lrs", str(path), "--out", str(tmp_path / "lrs.png"), cwd=tmp_path, check=False)
+    proc = run_in_process("plot-lrs", str(path), "--out", str(tmp_path / "lrs.png"), cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "--trusted" in proc.stderr and not marker.exists()
     # A file you trust: the flag unpickles it.
     assert plot_learned_rates(path, tmp_path / "lrs.png", trusted=True).is_file() and marker.exists()

@@ -12,7 +12,7 @@ import termios
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_in_process
 from metasgd_lightning.training.progress import MetaProgressBar, _duration
 
 TINY = ["--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "4", "--data.val_tasks", "8",
@@ -54,8 +54,8 @@ def test_a_terminal_gets_a_live_bar_with_step_metric_and_validation(tmp_path):
 
 
 def test_piped_output_is_one_line_now_and_then(tmp_path):
-    proc = run_cli("fit", *TINY, "--progress.line_every_n_steps", "2", "--trainer.default_root_dir", str(tmp_path / "run"),
-                   cwd=tmp_path)
+    proc = run_in_process("fit", *TINY, "--progress.line_every_n_steps", "2", "--trainer.default_root_dir",
+                          str(tmp_path / "run"), cwd=tmp_path)
     out = proc.stdout
     assert "\r" not in out + proc.stderr and "it/s" not in out + proc.stderr  # no bar redrawn in a log
     lines = [line for line in out.splitlines() if line.startswith("step ")]
@@ -66,8 +66,8 @@ def test_piped_output_is_one_line_now_and_then(tmp_path):
 
 
 def test_enable_progress_bar_false_still_switches_it_off(tmp_path):
-    proc = run_cli("fit", *TINY, "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
-                   str(tmp_path / "run"), cwd=tmp_path)
+    proc = run_in_process("fit", *TINY, "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
+                          str(tmp_path / "run"), cwd=tmp_path)
     assert "step 6/6" not in proc.stdout and "validation at step" not in proc.stdout
     assert "Final validation mse:" in proc.stdout
 

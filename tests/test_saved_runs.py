@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fixtures_episodic as fx
-from conftest import REPO, run_cli
+from conftest import REPO, run_in_process
 from datamodules import OmniglotDataModule
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
 from metasgd_lightning.training.callbacks import MetaSGDCheckpoint
@@ -53,17 +53,19 @@ def test_old_checkpoint_callback_state_is_found(tmp_path, name, metric):
     assert callback.best_model_path.endswith("best-step=2.ckpt")
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # as in the test above
 def test_old_config_and_checkpoint_run_metasgd_test(tmp_path):
-    proc = run_cli("test", "--config", str(FIXTURES / "sine_config.yaml"), "--ckpt_path", str(FIXTURES / "sine.ckpt"),
-                   "--trainer.default_root_dir", str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"),
-                   cwd=tmp_path)
+    proc = run_in_process("test", "--config", str(FIXTURES / "sine_config.yaml"), "--ckpt_path",
+                          str(FIXTURES / "sine.ckpt"), "--trainer.default_root_dir", str(tmp_path / "run"),
+                          "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
     assert "Test mse:" in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # as in the test above
 def test_old_image_config_and_checkpoint_run_metasgd_test(tmp_path):
     # The Omniglot folder they were trained on, generated again (the same seeds give the same drawings).
     root = fx.omniglot_folder(tmp_path / "omni", alphabets=2, characters=8)
-    proc = run_cli("test", "--config", str(FIXTURES / "omniglot_config.yaml"), "--ckpt_path",
-                   str(FIXTURES / "omniglot.ckpt"), "--data.root", str(root), "--trainer.default_root_dir",
-                   str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
+    proc = run_in_process("test", "--config", str(FIXTURES / "omniglot_config.yaml"), "--ckpt_path",
+                          str(FIXTURES / "omniglot.ckpt"), "--data.root", str(root), "--trainer.default_root_dir",
+                          str(tmp_path / "run"), "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
     assert "Test acc:" in proc.stdout, proc.stdout + proc.stderr

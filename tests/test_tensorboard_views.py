@@ -5,21 +5,29 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_in_process
 from metasgd_lightning.training.tensorboard_views import TensorBoardViews
 
 
 def _fit(tmp_path, *extra):
-    run_cli("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "4", "--data.val_tasks",
-            "8", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--trainer.enable_model_summary",
-            "false", "--trainer.default_root_dir", str(tmp_path / "run"), *extra, cwd=tmp_path)
+    run_in_process("fit", "--config", str(REPO / "configs/sine_5shot.yaml"), "--data.meta_batch_size", "4",
+                   "--data.val_tasks", "8", "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+                   "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(tmp_path / "run"), *extra,
+                   cwd=tmp_path)
     events = EventAccumulator(str(tmp_path / "run" / "lightning_logs" / "version_0"), size_guidance={"images": 0})
     events.Reload()
     return events
 
 
-def test_the_validation_band_and_figures_are_logged(tmp_path):
-    events = _fit(tmp_path)
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """A run with the default views, read by the two tests of them: its folder and its events."""
+    tmp_path = tmp_path_factory.mktemp("default_views")
+    return tmp_path, _fit(tmp_path)
+
+
+def test_the_validation_band_and_figures_are_logged(default_run):
+    _, events = default_run
     mean, ci = events.Scalars("val/mse"), events.Scalars("val/mse_ci95")
     lower, upper = events.Scalars("val/mse_lower"), events.Scalars("val/mse_upper")
     assert [e.step for e in lower] == [e.step for e in upper] == [e.step for e in mean] and len(mean) == 2
@@ -36,8 +44,8 @@ def test_the_validation_band_and_figures_are_logged(tmp_path):
     assert (images[0].width, images[0].height) == (1600, 300)  # 4 sine tasks
 
 
-def test_the_scalars_page_opens_on_the_curves_and_hparams_keep_hp_metric(tmp_path):
-    events = _fit(tmp_path)
+def test_the_scalars_page_opens_on_the_curves_and_hparams_keep_hp_metric(default_run):
+    tmp_path, events = default_run
     scalars = events.Tags()["scalars"]
     assert "epoch" not in scalars and sorted(scalars)[0] == "hp_metric"  # then lr/, train/, val/
     assert [e.step for e in events.Scalars("hp_metric")] == [e.step for e in events.Scalars("val/mse")]  # no -1 at 0

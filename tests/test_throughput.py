@@ -2,7 +2,7 @@
 fractions, and a smoke run that prints the roofline on CPU."""
 
 import copy
-import subprocess
+import json
 import sys
 from pathlib import Path
 
@@ -71,7 +71,6 @@ def test_roofline_table_fractions():
     assert "ConvNet4 forward+backward, batch 75: 50.000 GFLOP in 1000.0 ms = 50.0 GFLOP/s" in throughput.ceilings_line(results, args)
 
 
-
 def test_user_network_roofline_counts_each_algorithm_and_both_network_ceilings():
     """--network user: each row's achieved rate uses its own algorithm's FLOPs (Reptile's are not Meta-SGD's),
     and its fraction of the network as written and of the network on channels-last images."""
@@ -94,15 +93,30 @@ def test_user_network_roofline_counts_each_algorithm_and_both_network_ceilings()
     assert "the same on channels-last images, batch 75: 50.000 GFLOP in 500.0 ms = 100.0 GFLOP/s" in (
         throughput.ceilings_line(results, args))
 
-def test_quick_run_prints_the_roofline_on_cpu():
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--quick", "--tasks", "1", "--no-wait",
-         "--second-order-only", "--device", "cpu"],
-        capture_output=True, text=True, cwd=REPO, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+
+def test_quick_run_prints_the_roofline_on_cpu(monkeypatch, capsys):
+    """``python -m benchmarks.throughput --quick`` by its ``main`` in this process. Of the fresh processes it starts,
+    one per implementation and ceiling, the first is a real one (its command line and JSON answer); the others run
+    the same ``worker`` here, with the arguments a fresh process would parse: each fresh interpreter costs seconds
+    of imports, and a smoke run checks the tables, not the timings."""
+    real_spawn, spawned = throughput.spawn, []
+
+    def spawn(name, first_order, steps, args, profile=False):
+        spawned.append(name)
+        if len(spawned) == 1 or profile:
+            return real_spawn(name, first_order, steps, args, profile)
+        child = copy.copy(args)
+        child.steps, child.worker, child.order = steps, name, "first" if first_order else "second"
+        return json.loads(json.dumps(throughput.worker(name, first_order, child)))  # as it crosses the pipe
+
+    monkeypatch.setattr(throughput, "spawn", spawn)
+    monkeypatch.setattr(sys, "argv", ["throughput", "--quick", "--tasks", "1", "--no-wait", "--second-order-only",
+                                      "--device", "cpu"])
+    monkeypatch.chdir(REPO)
+    throughput.main()
+    assert len(spawned) == len(throughput.IMPLS) + len(throughput.CEILINGS)
+    out = capsys.readouterr().out
     assert "ceilings (same turns" in out and "fp32 GEMM (2048²)" in out and "ConvNet4 forward+backward, batch 75" in out
     assert "of net fwd+bwd" in out
-    for name in throughput.NAMES.values():
+    for name in (throughput.NAMES[impl] for impl in throughput.IMPLS):
         assert sum(line.startswith(f"  {name}") for line in out.splitlines()) == 2, name  # time table and roofline
