@@ -197,12 +197,17 @@ def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "me
     from metasgd_lightning.commands.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    # Lightning's loggers, also under the names of its standalone packages (pytorch_lightning, imported by a third
+    # party in some tests, logs Lightning's lines under its own name in this process from then on).
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]  # a test (a benchmark's quiet()) may have raised them
     handler = logging.StreamHandler(err)
     argv, sys.argv = sys.argv, [program]  # as the console script calls main()
     try:
         for logger in loggers:
             logger.addHandler(handler)
+            logger.setLevel(logging.INFO)  # Lightning's own level, as a fresh process has it
         with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 main(list(args))
@@ -214,8 +219,9 @@ def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "me
                 code = 1
     finally:
         sys.argv = argv
-        for logger in loggers:
+        for logger, level in zip(loggers, levels):
             logger.removeHandler(handler)
+            logger.setLevel(level)
     if code is None:
         code = 0
     elif not isinstance(code, int):
