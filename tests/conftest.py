@@ -44,12 +44,14 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup``, keep the tests that share a module-scoped fixture of their module on one worker.
+    """Under ``--dist loadgroup``, keep the tests that share a module- or session-scoped fixture of their module on
+    one worker.
 
     A module-scoped fixture (in-process fits, say) is computed once per worker that runs a test needing it; the tests
     sharing one, directly or through each other, get one ``xdist_group``, so it is computed once. Every other test is
     scheduled on its own. A session-scoped fixture that runs through :func:`once_per_session` is computed once for
-    all workers, so its tests need no group. Runs before xdist turns the marks into groups.
+    all workers, but a worker that asks for it while the other computes it waits, idle, on its lock (10-15 s in a
+    full run): its tests are grouped too. Runs before xdist turns the marks into groups.
 
     pytest-xdist 3.8 reads a group from the test's node id, which it extends with ``@<group>`` by a private attribute
     that pytest 9 no longer reads: the groups were silently ignored. So each worker also writes its tests' groups,
@@ -69,7 +71,7 @@ def pytest_collection_modifyitems(config, items):
         keys = []
         for name in info.names_closure if info else ():
             for fixturedef in info.name2fixturedefs.get(name, ()):
-                if fixturedef.scope == "module" and fixturedef.baseid.startswith(module):
+                if fixturedef.scope in ("module", "session") and fixturedef.baseid.startswith(module):
                     keys.append(f"{module}::{name}")
         for key in keys[1:]:
             parent[find(key)] = find(keys[0])

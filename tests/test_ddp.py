@@ -105,6 +105,7 @@ def test_fixed_sampler_splits_without_padding():
 # -- real multi-process runs -------------------------------------------------------------------------
 
 
+@pytest.mark.cost(14)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_ranks_split_each_global_meta_batch(single, ddp):
     _, ranks = ddp
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -138,6 +139,7 @@ def test_ddp_validation_counts_each_task_once(single, ddp):
             assert result[key] == pytest.approx(expected[key], rel=1e-12), key
 
 
+@pytest.mark.cost(10)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_checkpoint_resumes_on_one_process(tmp_path, single, ddp):
     out, ranks = ddp
     _run(tmp_path, "--devices", "1", "--meta-batch-size", "4", "--max-steps", "5", "--no-validate",
@@ -150,6 +152,7 @@ def test_ddp_checkpoint_resumes_on_one_process(tmp_path, single, ddp):
     _assert_weights_close(resumed["weights"][5], single["weights"][5])
 
 
+@pytest.mark.cost(16)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_with_a_backward_per_task_gives_the_same_weights(tmp_path, single):
     # Each rank backpropagates task by task; only its last backward of a step all-reduces (DDP no_sync).
     _run(tmp_path, "--devices", "2", "--meta-batch-size", "2", "--max-steps", "3", "--no-validate",
@@ -158,6 +161,7 @@ def test_ddp_with_a_backward_per_task_gives_the_same_weights(tmp_path, single):
         _assert_weights_close(record["weights"][3], single["weights"][3])
 
 
+@pytest.mark.cost(15)  # seconds, for the order of the parallel run (conftest.py)
 @pytest.mark.parametrize("bad_rank", [0, 1])
 def test_error_on_one_rank_ends_the_run(tmp_path, bad_rank):
     start = time.monotonic()
@@ -175,6 +179,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.cost(13)  # seconds, for the order of the parallel run (conftest.py)
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 def test_two_nodes_on_loopback_give_the_single_process_weights(tmp_path, single):
     port = _free_port()
@@ -216,6 +221,7 @@ def reptile_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.cost(22)  # seconds, for the order of the parallel run (conftest.py)
 def test_reptile_ddp_averages_over_all_ranks_tasks_as_one_process_with_the_whole_meta_batch(reptile_runs):
     (single,), ranks = reptile_runs["single"], reptile_runs["ddp"]
     for step in (1, 2, 3):

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +72,7 @@ def test_roofline_table_fractions():
     assert "ConvNet4 forward+backward, batch 75: 50.000 GFLOP in 1000.0 ms = 50.0 GFLOP/s" in throughput.ceilings_line(results, args)
 
 
+@pytest.mark.cost(10)  # seconds, for the order of the parallel run (conftest.py)
 def test_quick_run_prints_the_roofline_on_cpu(monkeypatch, capsys):
     """``python -m benchmarks.throughput --quick`` by its ``main`` in this process. Of the fresh processes it starts,
     one per implementation and ceiling, the first is a real one (its command line and JSON answer); the others run
