@@ -34,6 +34,8 @@ _PLAN_VARIABLE = "METASGD_TEST_PLAN"
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "cost(seconds): the test's rough duration on one idle core, its share of "
+                            "shared fixtures included; under pytest-xdist the costliest work units start first")
     if os.environ.get("PYTEST_XDIST_WORKER") or not config.pluginmanager.hasplugin("xdist"):
         return
     if config.getoption("dist", "no") == "loadgroup" and config.getoption("numprocesses", None):
