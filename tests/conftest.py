@@ -94,7 +94,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 class _SchedulerPlugin:
-    """Registered in the pytest-xdist controller under ``--dist loadgroup``: schedules by ``_PlanScheduling``."""
+    """Registered in the pytest-xdist controller under ``--dist loadgroup``: schedules by ``PlanScheduling``."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -155,7 +155,9 @@ def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: 
 
     For the expensive runs of session-scoped fixtures (a real-process ``metasgd fit``, a DDP launch): the first
     worker to ask runs it under a file lock in the session's temporary folder, the others wait and read its result
-    (pickled). The tests using it may then run on any worker, side by side; they must only read ``folder``.
+    (pickled). They must only read ``folder``. Under ``--dist loadgroup`` the tests of the fixture's own module run on
+    one worker (:func:`pytest_collection_modifyitems`), so that no worker waits on the lock; tests of other modules
+    may use it from any worker.
     """
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
