@@ -204,7 +204,7 @@ def findings(records: list[dict], reference: dict[str, dict]) -> str:
         if abs(d["mean"]) <= d["ci95"]:
             verdict = "no difference the 95% interval can tell"
         else:
-            verdict = "worse than float32" if worse else "better than float32"
+            verdict = f"worse than float32 (seed {r['seed']})" if worse else f"better than float32 (seed {r['seed']})"
         unit = "" if lower_is_better else " points"
         out.append(f"- {label}: {d['mean']:+.3f}{unit} ± {d['ci95']:.3f} against the float32 run ({ref['steps_done']} "
                    f"steps), tested under its own precision: {verdict}.")
@@ -248,7 +248,12 @@ def section(records: list[dict], timing: dict, meta: dict) -> str:
         "by each precision's own timed s/step. Peak memory: the process's peak resident memory above what it held "
         "before training.\n\n"
         f"{tables}\n\nTimed s/step (median, min–max, steps alone):\n\n{timing_lines}\n\n"
-        f"Paired differences, tested under the run's own precision:\n\n{findings(records, reference)}\n"
+        f"Paired differences, tested under the run's own precision:\n\n{findings(records, reference)}\n\n"
+        f"Read them for what they are: the intervals are over the test tasks of one training run per row (seed "
+        f"{meta['seed']}), and leave out how much a run depends on its training seed, which can be larger than the "
+        "difference between the precisions (on sine especially): rerun with other `--seed` values before reading a "
+        "difference as the precision's. The timed steps are the first steps from the initialisation; a step's cost can "
+        "change as training goes (backtracking's extra support passes), which the training seconds show.\n"
     )
 
 

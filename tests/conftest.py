@@ -34,6 +34,8 @@ _PLAN_VARIABLE = "METASGD_TEST_PLAN"
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "cost(seconds): the test's rough duration on one idle core, its share of "
+                            "shared fixtures included; under pytest-xdist the costliest work units start first")
     if os.environ.get("PYTEST_XDIST_WORKER") or not config.pluginmanager.hasplugin("xdist"):
         return
     if config.getoption("dist", "no") == "loadgroup" and config.getoption("numprocesses", None):
@@ -44,12 +46,14 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Under ``--dist loadgroup``, keep the tests that share a module-scoped fixture of their module on one worker.
+    """Under ``--dist loadgroup``, keep the tests that share a module- or session-scoped fixture of their module on
+    one worker.
 
     A module-scoped fixture (in-process fits, say) is computed once per worker that runs a test needing it; the tests
     sharing one, directly or through each other, get one ``xdist_group``, so it is computed once. Every other test is
     scheduled on its own. A session-scoped fixture that runs through :func:`once_per_session` is computed once for
-    all workers, so its tests need no group. Runs before xdist turns the marks into groups.
+    all workers, but a worker that asks for it while the other computes it waits, idle, on its lock (10-15 s in a
+    full run): its tests are grouped too. Runs before xdist turns the marks into groups.
 
     pytest-xdist 3.8 reads a group from the test's node id, which it extends with ``@<group>`` by a private attribute
     that pytest 9 no longer reads: the groups were silently ignored. So each worker also writes its tests' groups,
@@ -69,7 +73,7 @@ def pytest_collection_modifyitems(config, items):
         keys = []
         for name in info.names_closure if info else ():
             for fixturedef in info.name2fixturedefs.get(name, ()):
-                if fixturedef.scope == "module" and fixturedef.baseid.startswith(module):
+                if fixturedef.scope in ("module", "session") and fixturedef.baseid.startswith(module):
                     keys.append(f"{module}::{name}")
         for key in keys[1:]:
             parent[find(key)] = find(keys[0])
@@ -90,7 +94,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 class _SchedulerPlugin:
-    """Registered in the pytest-xdist controller under ``--dist loadgroup``: schedules by ``_PlanScheduling``."""
+    """Registered in the pytest-xdist controller under ``--dist loadgroup``: schedules by ``PlanScheduling``."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -151,7 +155,9 @@ def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: 
 
     For the expensive runs of session-scoped fixtures (a real-process ``metasgd fit``, a DDP launch): the first
     worker to ask runs it under a file lock in the session's temporary folder, the others wait and read its result
-    (pickled). The tests using it may then run on any worker, side by side; they must only read ``folder``.
+    (pickled). They must only read ``folder``. Under ``--dist loadgroup`` the tests of the fixture's own module run on
+    one worker (:func:`pytest_collection_modifyitems`), so that no worker waits on the lock; tests of other modules
+    may use it from any worker.
     """
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -197,12 +203,17 @@ def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "me
     from metasgd_lightning.commands.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    # Lightning's loggers, also under the names of its standalone packages (pytorch_lightning, imported by a third
+    # party in some tests, logs Lightning's lines under its own name in this process from then on).
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]  # a test (a benchmark's quiet()) may have raised them
     handler = logging.StreamHandler(err)
     argv, sys.argv = sys.argv, [program]  # as the console script calls main()
     try:
         for logger in loggers:
             logger.addHandler(handler)
+            logger.setLevel(logging.INFO)  # Lightning's own level, as a fresh process has it
         with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 main(list(args))
@@ -214,8 +225,9 @@ def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "me
                 code = 1
     finally:
         sys.argv = argv
-        for logger in loggers:
+        for logger, level in zip(loggers, levels):
             logger.removeHandler(handler)
+            logger.setLevel(level)
     if code is None:
         code = 0
     elif not isinstance(code, int):

@@ -37,6 +37,7 @@ def support(tmp_path):
     return tmp_path / "support"
 
 
+@pytest.mark.cost(8)  # seconds, for the order of the parallel run (conftest.py)
 def test_a_regression_checkpoint_given_for_images_is_named(sine_checkpoint, support):
     with pytest.raises(ValueError, match=r"is a regression checkpoint \(meta-trained on datamodules.SineDataModule"):
         checkpoint_transform(sine_checkpoint)

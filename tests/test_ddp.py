@@ -3,12 +3,14 @@
 ``meta_batch_size`` is per device: W processes with meta-batch b take the same optimiser steps, over
 the same tasks, as one process with meta-batch W * b. Each run is a real multi-process run of
 ``tests/ddp_script.py`` (Lightning's DDP launcher, or torchrun for two "nodes" on loopback); every
-rank writes what it saw to ``rank{r}.pt``.
+rank writes what it saw to ``rank{r}.pt``. The one-process runs they are compared with run the same script in the
+test's process.
 """
 
 from __future__ import annotations
 
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -42,6 +44,16 @@ def _run(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return proc
 
 
+def _run_one_process(out: Path, *args: str) -> None:
+    """``ddp_script.py --devices 1 ARGS`` by its ``main`` in this process: the one-process runs the DDP runs are
+    compared with need no launcher, and a second interpreter costs seconds of imports."""
+    assert "--devices" not in args and "--num-nodes" not in args
+    script = runpy.run_path(str(SCRIPT))  # its definitions; main() is not run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [str(SCRIPT), "--out", str(out), "--devices", "1", *args])
+        script["main"]()
+
+
 def _records(out: Path, world: int) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -57,7 +69,7 @@ def single(tmp_path_factory):
     """One process, meta-batch 4, five steps (tasks 0-3, 4-7, 8-11 in epoch 0; 12-15, 16-19 in epoch 1)."""
 
     def make(out: Path) -> dict:
-        _run(out, "--devices", "1", "--meta-batch-size", "4", "--max-steps", "5")
+        _run_one_process(out, "--meta-batch-size", "4", "--max-steps", "5")
         (record,) = _records(out, 1)
         return record
 
@@ -105,6 +117,7 @@ def test_fixed_sampler_splits_without_padding():
 # -- real multi-process runs -------------------------------------------------------------------------
 
 
+@pytest.mark.cost(14)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_ranks_split_each_global_meta_batch(single, ddp):
     _, ranks = ddp
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -138,10 +151,12 @@ def test_ddp_validation_counts_each_task_once(single, ddp):
             assert result[key] == pytest.approx(expected[key], rel=1e-12), key
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the run sets no checkpoint callback
+@pytest.mark.cost(10)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_checkpoint_resumes_on_one_process(tmp_path, single, ddp):
     out, ranks = ddp
-    _run(tmp_path, "--devices", "1", "--meta-batch-size", "4", "--max-steps", "5", "--no-validate",
-         "--ckpt-path", str(out / "last.ckpt"))
+    _run_one_process(tmp_path, "--meta-batch-size", "4", "--max-steps", "5", "--no-validate",
+                     "--ckpt-path", str(out / "last.ckpt"))
     (resumed,) = _records(tmp_path, 1)
     assert resumed["start_step"] == 3
     _assert_weights_close(resumed["start_weights"], ranks[0]["weights"][3], atol=0)
@@ -150,6 +165,7 @@ def test_ddp_checkpoint_resumes_on_one_process(tmp_path, single, ddp):
     _assert_weights_close(resumed["weights"][5], single["weights"][5])
 
 
+@pytest.mark.cost(16)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_with_a_backward_per_task_gives_the_same_weights(tmp_path, single):
     # Each rank backpropagates task by task; only its last backward of a step all-reduces (DDP no_sync).
     _run(tmp_path, "--devices", "2", "--meta-batch-size", "2", "--max-steps", "3", "--no-validate",
@@ -158,6 +174,7 @@ def test_ddp_with_a_backward_per_task_gives_the_same_weights(tmp_path, single):
         _assert_weights_close(record["weights"][3], single["weights"][3])
 
 
+@pytest.mark.cost(15)  # seconds, for the order of the parallel run (conftest.py)
 @pytest.mark.parametrize("bad_rank", [0, 1])
 def test_error_on_one_rank_ends_the_run(tmp_path, bad_rank):
     start = time.monotonic()
@@ -175,6 +192,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.cost(13)  # seconds, for the order of the parallel run (conftest.py)
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 def test_two_nodes_on_loopback_give_the_single_process_weights(tmp_path, single):
     port = _free_port()
@@ -211,11 +229,15 @@ def reptile_runs(tmp_path_factory):
     runs = {}
     for name, devices, per_device in (("single", "1", "4"), ("ddp", "2", "2")):
         out = tmp_path_factory.mktemp(f"reptile_{name}")
-        _run(out, "--method", "reptile", "--devices", devices, "--meta-batch-size", per_device, "--max-steps", "3")
+        if devices == "1":
+            _run_one_process(out, "--method", "reptile", "--meta-batch-size", per_device, "--max-steps", "3")
+        else:
+            _run(out, "--method", "reptile", "--devices", devices, "--meta-batch-size", per_device, "--max-steps", "3")
         runs[name] = _records(out, int(devices))
     return runs
 
 
+@pytest.mark.cost(22)  # seconds, for the order of the parallel run (conftest.py)
 def test_reptile_ddp_averages_over_all_ranks_tasks_as_one_process_with_the_whole_meta_batch(reptile_runs):
     (single,), ranks = reptile_runs["single"], reptile_runs["ddp"]
     for step in (1, 2, 3):

@@ -557,6 +557,7 @@ def test_argument_errors(tmp_path, make, message):
 # -- integration ----------------------------------------------------------------------------------
 
 
+@pytest.mark.cost(9)  # seconds, for the order of the parallel run (conftest.py)
 def test_import_and_loading_are_silent_and_lazy(tmp_path):
     fx.image_folder(tmp_path, classes=6, nested=False)
     code = (

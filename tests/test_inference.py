@@ -175,6 +175,7 @@ def test_adapt_to_folder_equals_adapt_on_the_same_tensors(cli_checkpoint, tmp_pa
     torch.testing.assert_close(torch.tensor([p.probability for p in predictions]), probabilities, atol=1e-5, rtol=0)
 
 
+@pytest.mark.cost(8)  # seconds, for the order of the parallel run (conftest.py)
 def test_example_script_classifies_query_images(cli_checkpoint, tmp_path, capsys):
     support = support_folder(tmp_path / "support")
     queries = drawings(tmp_path / "queries", 3, seed=10)

@@ -24,6 +24,7 @@ def test_no_data_module_imports_metasgd_lightning(path):
     assert not [m for m in _imported_modules(path) if m.split(".")[0] == "metasgd_lightning"]
 
 
+@pytest.mark.cost(5)  # seconds, for the order of the parallel run (conftest.py)
 def test_importing_every_data_module_leaves_metasgd_lightning_unimported():
     names = sorted(f"datamodules.{p.stem}" for p in (REPO / "datamodules").glob("*.py") if p.stem != "__init__")
     code = (f"import importlib, sys\nfor name in {names!r}:\n    importlib.import_module(name)\n"

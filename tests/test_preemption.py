@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import fixtures_episodic as fx
@@ -66,6 +67,7 @@ def _step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
+@pytest.mark.cost(12)  # seconds, for the order of the parallel run (conftest.py)
 def test_sine_set_up_and_sanity_check_stop_at_once_without_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     out = _stopped(_run(run, "fit", *SINE, _signal_in("setup", "SIGTERM")), "SIGTERM")
@@ -76,6 +78,7 @@ def test_sine_set_up_and_sanity_check_stop_at_once_without_a_checkpoint(tmp_path
     assert not (run / "ckpt" / "last.ckpt").exists()
 
 
+@pytest.mark.cost(24)  # seconds, for the order of the parallel run (conftest.py)
 def test_sine_training_then_validation_then_testing(tmp_path):
     run, last = tmp_path / "run", tmp_path / "run" / "ckpt" / "last.ckpt"
     # SIGUSR1 inside training step 3: the step finishes, is saved, and the run stops.
@@ -94,6 +97,7 @@ def test_sine_training_then_validation_then_testing(tmp_path):
     assert "Stopped by SIGTERM during testing: no result, and nothing to save" in out and _step(last) == 12
 
 
+@pytest.mark.cost(20)  # seconds, for the order of the parallel run (conftest.py)
 def test_images_with_workers_group_signals_in_sanity_check_validation_and_training(tmp_path):
     run, last = tmp_path / "run", tmp_path / "run" / "ckpt" / "last.ckpt"
     images = _images(tmp_path)

@@ -45,6 +45,7 @@ def _in_terminal(args, cwd, timeout=300):
     return output.decode(errors="replace")
 
 
+@pytest.mark.cost(7)  # seconds, for the order of the parallel run (conftest.py)
 def test_a_terminal_gets_a_live_bar_with_step_metric_and_validation(tmp_path):
     output = _in_terminal(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path / "run")], cwd=tmp_path)
     assert "\r" in output.replace("\r\n", "\n")  # redrawn in place

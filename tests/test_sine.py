@@ -1,5 +1,6 @@
 """The sine-regression task stream: the protocol's ranges, shapes, determinism."""
 
+import gc
 import math
 
 import pytest
@@ -63,6 +64,10 @@ def test_training_stream_is_independent_of_workers_and_new_each_epoch():
     serial.sampler.set_epoch(1)
     second_epoch = _batches(serial, 4)
     assert not any(torch.equal(a[0], b[0]) for a in first_epoch for b in second_epoch)
+    # The two worker processes end here: left to a later garbage collection (the loaders sit in reference cycles),
+    # they ended in some other test's set-up, after 5 s per worker (torch's join timeout) in a full run.
+    del serial, parallel
+    gc.collect()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -94,6 +95,7 @@ def test_user_network_roofline_counts_each_algorithm_and_both_network_ceilings()
         throughput.ceilings_line(results, args))
 
 
+@pytest.mark.cost(10)  # seconds, for the order of the parallel run (conftest.py)
 def test_quick_run_prints_the_roofline_on_cpu(monkeypatch, capsys):
     """``python -m benchmarks.throughput --quick`` by its ``main`` in this process. Of the fresh processes it starts,
     one per implementation and ceiling, the first is a real one (its command line and JSON answer); the others run

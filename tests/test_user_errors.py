@@ -81,6 +81,7 @@ def test_the_traceback_variable_and_our_bugs_keep_tracebacks(monkeypatch):
         main(["fit", "--config", SINE, *TINY, "--trainer.max_steps", "1", "--trainer.default_root_dir", "/tmp/x"])
 
 
+@pytest.mark.cost(6)  # seconds, for the order of the parallel run (conftest.py)
 def test_a_real_process_prints_one_line_and_exits_1(tmp_path):
     proc = run_cli("fit", "--config", SINE, "--data.shots", "0", cwd=tmp_path, check=False)
     assert proc.returncode == 1
