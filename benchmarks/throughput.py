@@ -52,9 +52,10 @@ layers, :func:`user_network` (``nn.Conv2d``, ``nn.BatchNorm2d(track_running_stat
 own speed-ups apply. Beside learn2learn's MetaSGD and our core and module, in the same turns: our module with
 its fast paths off (``channels_last=False, fast_batch_norm=False``: the network as given), learn2learn's MAML
 against our ``MAMLLightningModule``, and in the first-order pass our ``ReptileLightningModule`` (5 inner Adam
-steps on all 80 images of a task; its rate uses its own FLOP count). Two ceilings of the network:
-``net``, its forward+backward as written (NCHW), and ``net-cl``, the same on channels-last images (the
-fastest the network itself runs on this CPU).
+steps on all 80 images of a task; its rate uses its own FLOP count). Three ceilings of the network:
+``net``, its forward+backward as written (NCHW); ``net-cl``, the same on channels-last images; and
+``net-fast``, the same with the fast paths every method applies (its batch norms swapped for
+``TaskBatchNorm2d``, channels-last images).
 
     python -m benchmarks.throughput                      # second and first order, real sizes, roofline
     python -m benchmarks.throughput --network user --write   # your own network: standard layers, all methods
@@ -104,7 +105,10 @@ LIGHTNING_ROWS = ("lightning", "lightning-plain", "maml", "reptile")
 CEILINGS = ("gemm", "net")
 CEILING_NAMES = {"gemm": "fp32 GEMM", "net": f"ConvNet4 forward+backward, batch {5 * 15}"}
 USER_CEILING_NAMES = {"gemm": "fp32 GEMM", "net": f"your network's forward+backward as written (NCHW), batch {5 * 15}",
-                      "net-cl": f"the same on channels-last images, batch {5 * 15}"}
+                      "net-cl": f"the same on channels-last images, batch {5 * 15}",
+                      "net-fast": f"the same with the methods' fast paths (TaskBatchNorm2d, channels-last), batch {5 * 15}"}
+# The network's own forward+backward: as written, on channels-last images, with the fast paths the methods apply.
+NET_CEILINGS = ("net", "net-cl", "net-fast")
 WAYS, SHOTS, QUERIES, INIT_LR, META_LR = 5, 1, 15, 0.4, 1e-3
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 KEEP_HEAP = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
@@ -389,7 +393,7 @@ class FlopCount:
 
 def ceiling_fn(name: str, args) -> Callable[[], None]:
     """One call of a ceiling: ``gemm`` (an fp32 matrix product), ``net`` (forward+backward of the network) or
-    ``net-cl`` (the same on channels-last images)."""
+    ``net-cl`` (the same on channels-last images) or ``net-fast`` (and with the batch norms the methods swap in)."""
     if name == "gemm":
         torch.backends.cuda.matmul.allow_tf32 = False
         n = 8192 if args.device.type == "cuda" else 2048
@@ -398,8 +402,12 @@ def ceiling_fn(name: str, args) -> Callable[[], None]:
         return lambda: torch.mm(a, b)
     model = make_model(args)
     x = make_batches(1, 1, args.device, args.seed)[0][2][0]  # one task's 75 query images
-    if name == "net-cl":
+    if name in ("net-cl", "net-fast"):
         x = x.clone(memory_format=torch.channels_last)
+    if name == "net-fast":
+        from metasgd_lightning.methods.fast_paths import use_task_batch_norm
+
+        use_task_batch_norm(model)
     y = torch.arange(WAYS, device=args.device).repeat_interleave(QUERIES)
 
     def forward_backward() -> None:
@@ -523,7 +531,7 @@ def memory_peak(device: torch.device) -> float:
 
 def worker(name: str, first_order: bool, args) -> dict:
     """Warm-up step (its FLOPs counted), then ``args.steps`` timed steps of ``name``, in this (fresh) process."""
-    if options_of(name)["impl"] in (*CEILINGS, "net-cl"):
+    if options_of(name)["impl"] in (*CEILINGS, *NET_CEILINGS):
         apply_options(options_of(name))
         return ceiling_worker(options_of(name)["impl"], args)
     batches = make_batches(4, args.tasks, args.device, args.seed)
@@ -680,7 +688,7 @@ def ceilings_line(results: dict[str, dict], args) -> str:
     """The machine's ceilings measured in these turns (and ceiling variants), in GFLOP/s."""
     names = USER_CEILING_NAMES if getattr(args, "network", "convnet4") == "user" else CEILING_NAMES
     parts = []
-    for name in [n for n in results if options_of(n)["impl"] in (*CEILINGS, "net-cl")]:
+    for name in [n for n in results if options_of(n)["impl"] in (*CEILINGS, *NET_CEILINGS)]:
         seconds = summarize(results[name]["samples"], args.busy_threshold)["median"]
         label = names.get(name, name) + (f" ({8192 if args.device.type == 'cuda' else 2048}²)" if name == "gemm" else "")
         gflop = results[name]["flops"] / 1e9
@@ -690,7 +698,7 @@ def ceilings_line(results: dict[str, dict], args) -> str:
 
 def roofline_table(names: list[str], labels: dict[str, str], results: dict[str, dict], args) -> list[str]:
     """tasks/s, counted GFLOP per task, achieved GFLOP/s and the fraction of each ceiling, per implementation."""
-    nets = [n for n in ("net", "net-cl") if n in results]
+    nets = [n for n in NET_CEILINGS if n in results]
     ceiling = {name: results[name]["flops"] / summarize(results[name]["samples"], args.busy_threshold)["median"]
                for name in ("gemm", *nets)}
     width = max(len(labels[name]) for name in names)
@@ -704,7 +712,7 @@ def roofline_table(names: list[str], labels: dict[str, str], results: dict[str, 
     else:
         lines = ["  roofline: achieved GFLOP/s = GFLOP/task of the algorithm (the fewest any of its rows counted: "
                  + ", ".join(f"{a} {v / args.tasks / 1e9:.3f}" for a, v in useful.items()) + ") x tasks/s"]
-    net_columns = "".join(f" {'of ' + ('net fwd+bwd' if n == 'net' else 'net-cl'):>14s}" for n in nets)
+    net_columns = "".join(f" {'of ' + ('net fwd+bwd' if n == 'net' else n):>14s}" for n in nets)
     lines.append(f"  {'implementation':{width}s} {'tasks/s':>8s} {'GFLOP/s':>8s} {'of GEMM':>8s}{net_columns}  "
                  f"{'ms/task = net fwd+bwd + rest':>28s}  {'counted GFLOP/task':>18s}  by op")
     net_ms = 1e3 * summarize(results["net"]["samples"], args.busy_threshold)["median"]
@@ -721,7 +729,8 @@ def roofline_table(names: list[str], labels: dict[str, str], results: dict[str, 
                      f"{flops / args.tasks / 1e9:18.3f}  {by_op}")
     lines.append("  (net fwd+bwd: one task's query pass, 75 images, at the network's own forward+backward speed; the rest is "
                  "the support pass, the double backward and bookkeeping" + (
-                     "; net-cl: the same on channels-last images)" if "net-cl" in nets else ")"))
+                     "; net-cl: the same on channels-last images; net-fast: with the fast paths)" if "net-cl" in nets
+                     else ")"))
     return lines
 
 
@@ -732,7 +741,7 @@ def user_network_pass(first_order: bool, args) -> list[str]:
     impls = list(USER_IMPLS[first_order])
     print(f"\n{label}, your own network: {args.steps} timed steps per implementation in {args.rounds} round(s)",
           flush=True)
-    results = run_turns(impls + ["gemm", "net", "net-cl"], first_order, args)
+    results = run_turns(impls + ["gemm", *NET_CEILINGS], first_order, args)
     width = max(len(NAMES[impl]) for impl in impls)
     reference = summarize(results["l2l"]["samples"], args.busy_threshold)["median"]
     lines = [f"{label}:", _header(width, "implementation", True)]
@@ -770,7 +779,8 @@ def write_user_network_section(lines: list[str], args, started: str) -> None:
         "`nn.ReLU`, `nn.MaxPool2d`, `nn.Linear`; NCHW input), ConvNet4's shapes, 5-way 1-shot, 15 queries per class, "
         f"{args.tasks} tasks per step, one inner step, on the same batches for every row; medians of timed steps "
         "taken by turns in fresh processes. `net fwd+bwd`: the network's own forward+backward as written; "
-        "`net-cl`: the same on channels-last images. (3') is our module with `channels_last=False, "
+        "`net-cl`: the same on channels-last images; `net-fast`: the same with the fast paths every method applies "
+        "(its `nn.BatchNorm2d` layers swapped for `TaskBatchNorm2d`, channels-last images). (3') is our module with `channels_last=False, "
         "fast_batch_norm=False`: the network exactly as given.",
         "",
         "```",
