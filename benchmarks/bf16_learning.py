@@ -58,7 +58,8 @@ from benchmarks.compare_methods import (
     build_module,
     machine,
     meta_parameters,
-    time_turns,
+    time_problems,
+    with_timing,
 )
 from metasgd_lightning import InnerLoopDivergedError
 
@@ -329,21 +330,11 @@ def main(argv: list[str] | None = None) -> None:
         timing_rows = [dict(problem=p, methods=[METHOD], variants=variants, rounds=args.rounds, steps=args.timing_steps,
                             seed=args.seed, root=root, busy_threshold=args.busy_threshold, max_wait=args.max_wait,
                             label=f"timing {p}") for p in args.problems]
-        timing = {r["problem"]: r["timing"] for r in run_rows(timing_rows, time_turns, fresh_processes=True)
-                  if "error" not in r}
-        for r in timing_rows:
-            if r["problem"] not in timing:
-                sys.exit(f"the timing of {r['problem']} failed (see above)")
-
+        timing = time_problems(timing_rows)
         done: list[dict] = []
 
         def finish(records: list[dict]) -> list[dict]:
-            for r in records:
-                t = timing[r["problem"]].get(r["precision"])
-                if t is not None:
-                    r["timed_seconds_per_step"] = t["median"]
-                    r["tasks_per_second"] = r["tasks_per_step"] / t["median"]
-            return records
+            return with_timing(records, timing, "precision")
 
         def write(records: list[dict]) -> None:
             rows_so_far = finish(done + records)

@@ -272,6 +272,26 @@ def time_turns(row: dict) -> dict:
 # -- 2. and 3. training and testing -------------------------------------------------------------------------------------
 
 
+def time_problems(timing_rows: list[dict]) -> dict[str, dict]:
+    """:func:`time_turns` for each problem's row, each in a fresh process; {problem: {name: timing}}. Exits if one fails."""
+    timing = {r["problem"]: r["timing"] for r in run_rows(timing_rows, time_turns, fresh_processes=True)
+              if "error" not in r}
+    for r in timing_rows:
+        if r["problem"] not in timing:
+            sys.exit(f"the timing of {r['problem']} failed (see above)")
+    return timing
+
+
+def with_timing(records: list[dict], timing: dict[str, dict], key: str) -> list[dict]:
+    """Each record with its timed s/step and tasks/s, from ``timing[problem][record[key]]`` where it was timed."""
+    for r in records:
+        t = timing[r["problem"]].get(r[key])
+        if t is not None:
+            r["timed_seconds_per_step"] = t["median"]
+            r["tasks_per_second"] = r["tasks_per_step"] / t["median"]
+    return records
+
+
 def run(row: dict) -> dict:
     """Train and test one method on one problem (in a fresh worker process)."""
     quiet()
@@ -469,21 +489,11 @@ def main(argv: list[str] | None = None) -> None:
         timing_rows = [dict(problem=p, methods=names_of[p], rounds=args.rounds, steps=args.timing_steps, seed=args.seed,
                             root=root, busy_threshold=args.busy_threshold, max_wait=args.max_wait, label=f"timing {p}")
                        for p in args.problems]
-        timing = {r["problem"]: r["timing"] for r in run_rows(timing_rows, time_turns, fresh_processes=True)
-                  if "error" not in r}
-        for r in timing_rows:
-            if r["problem"] not in timing:
-                sys.exit(f"the timing of {r['problem']} failed (see above)")
-
+        timing = time_problems(timing_rows)
         done: list[dict] = []
 
         def finish(records: list[dict]) -> list[dict]:
-            for r in records:
-                t = timing[r["problem"]].get(r["method"])
-                if t is not None:
-                    r["timed_seconds_per_step"] = t["median"]
-                    r["tasks_per_second"] = r["tasks_per_step"] / t["median"]
-            return records
+            return with_timing(records, timing, "method")
 
         def write(records: list[dict]) -> None:
             rows_so_far = finish(done + records)
