@@ -39,6 +39,7 @@ __all__ = [
     "Params",
     "TaskBatchResult",
     "Vectorize",
+    "check_bool",
     "check_positive_int",
     "check_task_batch",
     "choose_vectorize",
@@ -75,14 +76,10 @@ class MetaLearner(nn.Module, abc.ABC):
                  fast_batch_norm: bool = True) -> None:
         super().__init__()
         self.inner_steps = check_positive_int("inner_steps", inner_steps)
-        for name, value in (("channels_last", channels_last), ("fast_batch_norm", fast_batch_norm)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{name}` must be True or False; got {value!r}.")
-        if fast_batch_norm:
+        if check_bool("fast_batch_norm", fast_batch_norm):
             use_task_batch_norm(model)
         self.model = model
-        self.channels_last, self.fast_batch_norm = channels_last, fast_batch_norm
-        self._images = ChannelsLastImages(model, channels_last)
+        self._images = ChannelsLastImages(model, check_bool("channels_last", channels_last))
         self.adapted_names: tuple[str, ...] = tuple(n for n, p in model.named_parameters() if p.requires_grad)
         if not self.adapted_names:
             raise ValueError(f"{type(self).__name__} needs a model with at least one parameter with "
@@ -235,6 +232,13 @@ def check_positive_int(name: str, value: object, minimum: int = 1, or_none: bool
     return value
 
 
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` if it is ``True`` or ``False``; else a ValueError naming ``name``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False; got {value!r}.")
+    return value
 
 
 def float32_under_float16_autocast(device_type: str):

@@ -42,6 +42,7 @@ from .contract import (
     Params,
     TaskBatchResult,
     Vectorize,
+    check_bool,
     check_positive_int,
     choose_vectorize,
     float32_under_float16_autocast,
@@ -231,8 +232,7 @@ class Reptile(MetaLearner):
             raise ValueError(f"`inner_lr` must be a positive number; got {inner_lr!r}.")
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"`betas` must be two numbers in [0, 1); got {betas!r}.")
-        if not isinstance(persistent_state, bool):
-            raise ValueError(f"`persistent_state` must be True or False; got {persistent_state!r}.")
+        check_bool("persistent_state", persistent_state)
         self.inner_lr, self.inner_optimizer = float(inner_lr), inner_optimizer
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
         self.persistent_state = persistent_state and inner_optimizer == "adam"
