@@ -17,6 +17,8 @@ import pytest
 import torch
 from filelock import FileLock  # a dependency of torch
 
+from forked_python import run_python
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot" / "images_background_small1.zip"
 
@@ -179,13 +181,13 @@ def _deterministic():
     yield
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m metasgd_lightning ARGS`` in a subprocess, as a user would run ``metasgd``."""
+def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True, fresh: bool = False
+            ) -> subprocess.CompletedProcess:
+    """Run ``python -m metasgd_lightning ARGS`` in a new process, as a user would run ``metasgd``: forked from a
+    process that has imported torch and Lightning (:mod:`forked_python`), or with ``fresh=True`` a new interpreter,
+    for what its imports print too."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "metasgd_lightning", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    proc = run_python(["-m", "metasgd_lightning", *args], cwd=cwd, env=env, timeout=timeout, fresh=fresh)
     if check and proc.returncode != 0:
         raise AssertionError(f"metasgd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -105,7 +105,7 @@ def test_adapt_gives_the_python_apis_predictions(omniglot, folders, tmp_path):
     assert [r["class_name"] for r in json.loads((tmp_path / "p.json").read_text())] == [p.class_name for p in expected]
 
 
-@pytest.mark.cost(8)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(4)  # seconds, for the order of the parallel run (conftest.py)
 def test_adapt_names_its_errors(omniglot, sine_checkpoint, folders, tmp_path):
     checkpoint, _ = omniglot
     support, queries = folders

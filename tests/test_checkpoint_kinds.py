@@ -1,13 +1,13 @@
 """The wrong kind of file given as a checkpoint is named as such: a regression checkpoint to the image path,
 an image (or other non-checkpoint) where a checkpoint belongs."""
 
-import subprocess
-import sys
+import os
 
 import pytest
 from PIL import Image
 
 from conftest import REPO, run_in_process
+from forked_python import run_python
 from metasgd_lightning.commands.inference import adapt_to_folder, checkpoint_transform, load_meta_learner
 from metasgd_lightning.commands.plotting import plot_learned_rates
 from metasgd_lightning.training.checkpointing import CheckpointCorruptError, foreign_format
@@ -37,7 +37,7 @@ def support(tmp_path):
     return tmp_path / "support"
 
 
-@pytest.mark.cost(8)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(4)  # seconds, for the order of the parallel run (conftest.py)
 def test_a_regression_checkpoint_given_for_images_is_named(sine_checkpoint, support):
     with pytest.raises(ValueError, match=r"is a regression checkpoint \(meta-trained on datamodules.SineDataModule"):
         checkpoint_transform(sine_checkpoint)
@@ -45,9 +45,8 @@ def test_a_regression_checkpoint_given_for_images_is_named(sine_checkpoint, supp
         checkpoint_transform(load_meta_learner(sine_checkpoint))
     with pytest.raises(ValueError, match="is a regression checkpoint"):
         adapt_to_folder(sine_checkpoint, support)
-    example = subprocess.run([sys.executable, str(REPO / "examples/adapt_to_your_images.py"), str(sine_checkpoint),
-                              str(support), str(support)], capture_output=True, text=True, cwd=REPO,
-                             env={"PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}, check=False)
+    example = run_python([REPO / "examples/adapt_to_your_images.py", sine_checkpoint, support, support], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}, timeout=300)
     assert example.returncode == 1 and "is a regression checkpoint" in example.stderr
     assert "not an imported image data module" not in example.stderr
 

@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
     return once_per_session(tmp_path_factory, "cli", lambda tmp_path: (tmp_path, _fit(tmp_path, "--lr_monitor.every_n_steps", "3")))
 
 
-@pytest.mark.cost(6)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(3)  # seconds, for the order of the parallel run (conftest.py)
 def test_fit_logs_to_tensorboard_and_checkpoints(trained):
     tmp_path, proc = trained
     assert "Final validation mse:" in proc.stdout and "tensorboard --logdir" in proc.stdout

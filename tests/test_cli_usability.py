@@ -53,7 +53,7 @@ def test_other_errors_keep_jsonargparse_message(capsys):
     assert "inner_steps" in err and "did you mean" not in err
 
 
-@pytest.mark.cost(8)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(2)  # seconds, for the order of the parallel run (conftest.py)
 def test_python_dash_m_calls_itself_metasgd(tmp_path):
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.stdout.startswith("usage: metasgd ") and "__main__.py" not in proc.stdout

@@ -22,6 +22,7 @@ import torch
 
 from conftest import once_per_session
 from datamodules.sampling import FixedTaskSampler, TaskIndexSampler
+from forked_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "ddp_script.py"
@@ -37,8 +38,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = run_python([str(SCRIPT), "--out", str(out), *args], cwd=REPO, env=_env(), timeout=TIMEOUT)
     if check and proc.returncode != 0:
         raise AssertionError(f"{SCRIPT.name} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -117,7 +117,7 @@ def test_fixed_sampler_splits_without_padding():
 # -- real multi-process runs -------------------------------------------------------------------------
 
 
-@pytest.mark.cost(14)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(9)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_ranks_split_each_global_meta_batch(single, ddp):
     _, ranks = ddp
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -152,7 +152,7 @@ def test_ddp_validation_counts_each_task_once(single, ddp):
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the run sets no checkpoint callback
-@pytest.mark.cost(10)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(2)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_checkpoint_resumes_on_one_process(tmp_path, single, ddp):
     out, ranks = ddp
     _run_one_process(tmp_path, "--meta-batch-size", "4", "--max-steps", "5", "--no-validate",
@@ -165,7 +165,7 @@ def test_ddp_checkpoint_resumes_on_one_process(tmp_path, single, ddp):
     _assert_weights_close(resumed["weights"][5], single["weights"][5])
 
 
-@pytest.mark.cost(16)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(5)  # seconds, for the order of the parallel run (conftest.py)
 def test_ddp_with_a_backward_per_task_gives_the_same_weights(tmp_path, single):
     # Each rank backpropagates task by task; only its last backward of a step all-reduces (DDP no_sync).
     _run(tmp_path, "--devices", "2", "--meta-batch-size", "2", "--max-steps", "3", "--no-validate",
@@ -174,7 +174,7 @@ def test_ddp_with_a_backward_per_task_gives_the_same_weights(tmp_path, single):
         _assert_weights_close(record["weights"][3], single["weights"][3])
 
 
-@pytest.mark.cost(15)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(5)  # seconds, for the order of the parallel run (conftest.py)
 @pytest.mark.parametrize("bad_rank", [0, 1])
 def test_error_on_one_rank_ends_the_run(tmp_path, bad_rank):
     start = time.monotonic()
@@ -237,7 +237,7 @@ def reptile_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.cost(22)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(5)  # seconds, for the order of the parallel run (conftest.py)
 def test_reptile_ddp_averages_over_all_ranks_tasks_as_one_process_with_the_whole_meta_batch(reptile_runs):
     (single,), ranks = reptile_runs["single"], reptile_runs["ddp"]
     for step in (1, 2, 3):

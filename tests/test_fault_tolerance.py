@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +24,7 @@ from conftest import once_per_session, run_in_process
 from datamodules import ImageFolderDataModule, SineDataModule
 from datamodules.episodic import ImageReadError
 from datamodules.sampling import TaskDataLoader, TaskIndexSampler
+from forked_python import run_python
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule
 from metasgd_lightning.training.callbacks import MetaSGDCheckpoint
 from metasgd_lightning.training.checkpointing import (
@@ -46,8 +46,7 @@ def _fit(run: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedPr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "PYTHONWARNINGS": "ignore"}
     for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "metasgd_lightning", *_fit_args(run, *extra)], cwd=run.parent,
-                          env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    return run_python(["-m", "metasgd_lightning", *_fit_args(run, *extra)], cwd=run.parent, env=env, timeout=timeout)
 
 
 def _fit_args(run: Path, *extra: str) -> list[str]:
@@ -100,7 +99,7 @@ def reference(tmp_path_factory):
     return once_per_session(tmp_path_factory, "fault-tolerance-reference", make)
 
 
-@pytest.mark.cost(9)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(5)  # seconds, for the order of the parallel run (conftest.py)
 def test_a_run_stopped_by_max_steps_inside_its_second_epoch_saves_that_step(reference):
     run, proc, last = reference
     assert last["global_step"] == 10
@@ -118,7 +117,7 @@ def test_a_run_stopped_by_max_steps_inside_its_second_epoch_saves_that_step(refe
     assert all(torch.equal(best["state_dict"][k], v) for k, v in last["state_dict"].items())
 
 
-@pytest.mark.cost(16)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(2)  # seconds, for the order of the parallel run (conftest.py)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_inside_an_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, reference, workers):
     run = tmp_path / "run"
@@ -133,7 +132,7 @@ def test_sigkill_inside_an_epoch_then_resume_equals_the_uninterrupted_run(tmp_pa
     _assert_same_training_state(_load(run / "ckpt" / "last.ckpt"), reference[2])
 
 
-@pytest.mark.cost(22)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(7)  # seconds, for the order of the parallel run (conftest.py)
 def test_two_ddp_processes_killed_mid_epoch_resume_on_one(tmp_path, reference):
     run = tmp_path / "run"
     run.mkdir()
@@ -148,7 +147,7 @@ def test_two_ddp_processes_killed_mid_epoch_resume_on_one(tmp_path, reference):
     _assert_same_training_state(_load(run / "ckpt" / "last.ckpt"), reference[2], exact=False)
 
 
-@pytest.mark.cost(18)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(3)  # seconds, for the order of the parallel run (conftest.py)
 def test_sigterm_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, reference):
     run = tmp_path / "run"
     run.mkdir()
@@ -163,7 +162,7 @@ def test_sigterm_saves_at_the_end_of_the_step_and_resumes_exactly(tmp_path, refe
     _assert_same_training_state(_load(run / "ckpt" / "last.ckpt"), reference[2])
 
 
-@pytest.mark.cost(6)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(1)  # seconds, for the order of the parallel run (conftest.py)
 def test_a_kill_while_the_checkpoint_is_written_leaves_the_previous_one(tmp_path, reference):
     run = tmp_path / "run"
     run.mkdir()
@@ -193,7 +192,7 @@ def test_a_truncated_checkpoint_is_named_with_the_newest_intact_one_beside_it(tm
         resolve_resume_path("last", folder)  # what `--ckpt_path last` meets in this folder
 
 
-@pytest.mark.cost(7)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(2)  # seconds, for the order of the parallel run (conftest.py)
 def test_a_dead_dataloader_worker_is_named_and_the_last_checkpoint_stays(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -2,8 +2,6 @@
 
 import os
 import runpy
-import subprocess
-import sys
 
 import lightning as L
 import numpy as np
@@ -16,6 +14,7 @@ from conftest import REPO, run_in_process
 from datamodules import OmniglotDataModule
 from datamodules.images import ImageReadError
 from datamodules.preprocessing import ImageTransform
+from forked_python import run_python
 from metasgd_lightning import ConvNet4, MetaSGDLightningModule, SineMLP
 from metasgd_lightning.commands.inference import (
     adapt,
@@ -175,14 +174,13 @@ def test_adapt_to_folder_equals_adapt_on_the_same_tensors(cli_checkpoint, tmp_pa
     torch.testing.assert_close(torch.tensor([p.probability for p in predictions]), probabilities, atol=1e-5, rtol=0)
 
 
-@pytest.mark.cost(8)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(3)  # seconds, for the order of the parallel run (conftest.py)
 def test_example_script_classifies_query_images(cli_checkpoint, tmp_path, capsys):
     support = support_folder(tmp_path / "support")
     queries = drawings(tmp_path / "queries", 3, seed=10)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
     script = REPO / "examples" / "adapt_to_your_images.py"
-    proc = subprocess.run([sys.executable, str(script), str(cli_checkpoint), str(support), str(tmp_path / "queries")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    proc = run_python([script, cli_checkpoint, support, tmp_path / "queries"], env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == "Adapted to 3 classes: alpha, beta, gamma"

@@ -14,13 +14,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import fixtures_episodic as fx
+from forked_python import run_python
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -45,8 +45,7 @@ def _run(run: Path, command: str, *args: str, timeout: float = 120) -> subproces
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "PYTHONWARNINGS": "ignore",
            "OMP_NUM_THREADS": "1"}
     args = [command, *args, "--trainer.default_root_dir", str(run), "--checkpoint.dirpath", str(run / "ckpt")]
-    return subprocess.run([sys.executable, "-m", "metasgd_lightning", *args], cwd=run.parent, env=env,
-                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
+    return run_python(["-m", "metasgd_lightning", *args], cwd=run.parent, env=env, timeout=timeout)
 
 
 def _signal_in(phase: str, name: str, group: bool = False, **init_args) -> str:
@@ -67,7 +66,7 @@ def _step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
 
 
-@pytest.mark.cost(12)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(2)  # seconds, for the order of the parallel run (conftest.py)
 def test_sine_set_up_and_sanity_check_stop_at_once_without_a_checkpoint(tmp_path):
     run = tmp_path / "run"
     out = _stopped(_run(run, "fit", *SINE, _signal_in("setup", "SIGTERM")), "SIGTERM")
@@ -78,7 +77,7 @@ def test_sine_set_up_and_sanity_check_stop_at_once_without_a_checkpoint(tmp_path
     assert not (run / "ckpt" / "last.ckpt").exists()
 
 
-@pytest.mark.cost(24)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(4)  # seconds, for the order of the parallel run (conftest.py)
 def test_sine_training_then_validation_then_testing(tmp_path):
     run, last = tmp_path / "run", tmp_path / "run" / "ckpt" / "last.ckpt"
     # SIGUSR1 inside training step 3: the step finishes, is saved, and the run stops.
@@ -97,7 +96,7 @@ def test_sine_training_then_validation_then_testing(tmp_path):
     assert "Stopped by SIGTERM during testing: no result, and nothing to save" in out and _step(last) == 12
 
 
-@pytest.mark.cost(20)  # seconds, for the order of the parallel run (conftest.py)
+@pytest.mark.cost(5)  # seconds, for the order of the parallel run (conftest.py)
 def test_images_with_workers_group_signals_in_sanity_check_validation_and_training(tmp_path):
     run, last = tmp_path / "run", tmp_path / "run" / "ckpt" / "last.ckpt"
     images = _images(tmp_path)

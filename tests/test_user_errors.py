@@ -83,7 +83,7 @@ def test_the_traceback_variable_and_our_bugs_keep_tracebacks(monkeypatch):
 
 @pytest.mark.cost(6)  # seconds, for the order of the parallel run (conftest.py)
 def test_a_real_process_prints_one_line_and_exits_1(tmp_path):
-    proc = run_cli("fit", "--config", SINE, "--data.shots", "0", cwd=tmp_path, check=False)
+    proc = run_cli("fit", "--config", SINE, "--data.shots", "0", cwd=tmp_path, check=False, fresh=True)
     assert proc.returncode == 1
     assert [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()] == [
         "metasgd fit: SineDataModule `shots` must be an integer >= 1; got 0."]
