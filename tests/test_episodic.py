@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -521,7 +522,7 @@ def test_loaded_images_are_preprocessed_by_the_modules_transform(tmp_path, omnig
     # Omniglot's, written out: grey, Lanczos resize, scaled to [0, 1], inverted.
     path = modules[0].sources["test"].keys[0]
     resized = Image.open(path).convert("L").resize((12, 12), Image.Resampling.LANCZOS)
-    pixels = 1.0 - torch.tensor(list(resized.getdata()), dtype=torch.float32).view(1, 12, 12) / 255.0
+    pixels = 1.0 - torch.tensor(np.asarray(resized), dtype=torch.float32).view(1, 12, 12) / 255.0
     torch.testing.assert_close(modules[0].transform("test")(Image.open(path)), pixels)
 
 
