@@ -1,6 +1,7 @@
 """The Meta-SGD maths: agreement with learn2learn, purity, first order, frozen parameters, bad input."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -121,6 +122,14 @@ def test_init_lr_forms():
     assert all(a.shape == p.shape for a, (_, p) in zip(uniform.lrs.values(), uniform.model.named_parameters()))
     maml = MetaSGD(SineMLP(), init_lr=0.01, learn_lr=False)
     assert all(a.dim() == 0 and not a.requires_grad and float(a) == pytest.approx(0.01) for a in maml.lrs.values())
+    assert not any(a.any() for a in MetaSGD(SineMLP(), init_lr=0.0).lrs.values())  # learned: may start at 0
+
+
+@pytest.mark.parametrize("init_lr, learn_lr, least", [(-0.1, True, "0 or more"), ((-0.01, 0.1), True, "0 or more"),
+                                                       (0.0, False, "a positive number (MAML's fixed rate)")])
+def test_a_rate_that_would_climb_or_never_move_is_refused(init_lr, learn_lr, least):
+    with pytest.raises(ValueError, match=re.escape(f"`init_lr` must be {least}: the inner step is θ − α ⊙ ∇L; got")):
+        MetaSGD(SineMLP(), init_lr=init_lr, learn_lr=learn_lr)
 
 
 @pytest.mark.parametrize("kind", ["sine-mlp", "convnet-bn"])

@@ -42,6 +42,7 @@ def one_line(args, capsys) -> str:
     (["--model.inner_steps", "-1"], "metasgd fit: `inner_steps` must be a positive integer; got -1."),
     (["--data.shots", "0"], "metasgd fit: SineDataModule `shots` must be an integer >= 1; got 0."),
     (["--model.init_lr", ".nan"], "metasgd fit: `init_lr` must be finite; got nan."),
+    (["--model.init_lr", "-1"], "metasgd fit: `init_lr` must be 0 or more: the inner step is θ − α ⊙ ∇L; got -1.0."),
     (["--model.init_lr", "nan"], "metasgd fit: --model.init_lr expects float or tuple[float, float]; got 'nan'"),
     (["--model.inner_steps", "many"], "metasgd fit: --model.inner_steps expects int; got 'many'"),
     (["--data.shots", "x"], "metasgd fit: --data.shots expects int; got 'x'"),

@@ -77,6 +77,10 @@ def _parse_init_lr(init_lr: float | tuple[float, float] | list[float], learn_lr:
         raise ValueError(f"`init_lr` must be finite; got {init_lr!r}.")
     if low > high:
         raise ValueError(f"`init_lr=(low, high)` needs low <= high; got {init_lr!r}.")
+    if low < 0 or (low == 0 and not learn_lr):
+        # Learned rates may turn negative in training, but one that starts there climbs the support loss.
+        least = "a positive number (MAML's fixed rate)" if not learn_lr else "0 or more"
+        raise ValueError(f"`init_lr` must be {least}: the inner step is θ − α ⊙ ∇L; got {init_lr!r}.")
     return low, high
 
 
