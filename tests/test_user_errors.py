@@ -1,6 +1,9 @@
 """Every everyday mistake with ``metasgd`` ends in one line, ``metasgd <command>: ...``, and a non-zero exit;
 a bug of ours keeps its traceback; and no mistake passes silently (issues 20 and 23)."""
 
+import shutil
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
@@ -12,6 +15,7 @@ from metasgd_lightning.commands import cli
 from metasgd_lightning.commands.cli import main
 from metasgd_lightning.methods.models import ConvNet4, SineMLP
 from metasgd_lightning.training.base import SetupError
+from metasgd_lightning.training.checkpointing import best_checkpoint
 
 SINE = str(REPO / "configs/sine_5shot.yaml")
 OMNIGLOT = str(REPO / "configs/omniglot_5way_1shot.yaml")
@@ -108,6 +112,25 @@ def test_test_without_weights_says_so_and_with_them_names_their_step(sine_run, c
     assert "Weights: untrained (no --ckpt_path)" in out.out
     main(["test", "--config", SINE, *TINY, "--trainer.default_root_dir", str(sine_run), "--ckpt_path", "last"])
     assert f"Weights: {sine_run / 'checkpoints' / 'last.ckpt'} (step 2)" in capsys.readouterr().out
+
+
+def test_best_is_the_run_s_best_checkpoint_and_where_there_is_none_one_line(sine_run, tmp_path, capsys):
+    folder = sine_run / "checkpoints"
+    states = torch.load(folder / "last.ckpt", weights_only=True)["callbacks"].values()
+    recorded = Path(next(state["best_model_path"] for state in states if state.get("best_model_path")))
+    assert recorded.parent == folder and recorded.name.startswith("best-step=")
+    main(["test", "--config", SINE, *TINY, "--trainer.default_root_dir", str(sine_run), "--ckpt_path", "best"])
+    assert f"Weights: {recorded} (step " in capsys.readouterr().out
+    shutil.copytree(folder, tmp_path / "moved")  # a run folder moved elsewhere: its best by name
+    assert best_checkpoint(tmp_path / "moved") == tmp_path / "moved" / recorded.name
+    line = one_line(["validate", "--config", SINE, *TINY, "--trainer.default_root_dir", str(tmp_path / "new"),
+                     "--ckpt_path", "best"], capsys)
+    assert line == (f"metasgd validate: --ckpt_path best: no checkpoint in {tmp_path / 'new' / 'checkpoints'}. Give the "
+                    "run's --trainer.default_root_dir (or --checkpoint.dirpath), or a .ckpt file, or --ckpt_path last.")
+    line = one_line(["fit", "--config", SINE, *TINY, "--trainer.default_root_dir", str(sine_run), "--ckpt_path", "best"],
+                    capsys)
+    assert line == ("metasgd fit: --ckpt_path best: fit resumes from `last` (the run's newest state) or from a checkpoint "
+                    f"file; to resume from the best, give its file: {recorded}.")
 
 
 def test_test_with_last_and_no_checkpoint_is_one_line(tmp_path, capsys):

@@ -35,6 +35,7 @@ from ..training.callbacks import LearnedRateMonitor, MetaSGDCheckpoint
 from ..training.checkpointing import (
     AtomicCheckpointIO,
     CheckpointCorruptError,
+    best_checkpoint,
     checkpoint_is_intact,
     last_checkpoint,
     resolve_resume_path,
@@ -151,6 +152,11 @@ class MetaSGDCLI(TrainerCallbacksFilter):
         folder = getattr(checkpoint, "dirpath", None)
         if isinstance(checkpoint, MetaSGDCheckpoint):
             checkpoint.watch_signals(self.trainer)  # a stop signal during data set-up stops the run too
+        if str(ckpt_path) == "best":
+            best = best_checkpoint(folder) if folder is not None else None
+            file = f"its file: {best}" if best else "its .ckpt file (none is ranked best in the checkpoint folder yet)"
+            raise UserError("--ckpt_path best: fit resumes from `last` (the run's newest state) or from a checkpoint "
+                            f"file; to resume from the best, give {file}.")
         if ckpt_path is None and folder is not None and last_checkpoint(folder) is not None:
             # A fresh run into a folder with an earlier run's checkpoints: say what happens to them.
             _say(f"metasgd fit: {folder} already holds checkpoints of an earlier run; this run starts from scratch and "
@@ -173,11 +179,14 @@ class MetaSGDCLI(TrainerCallbacksFilter):
             _say(f"metasgd {command}: no --ckpt_path, so this scores the untrained model (its initial weights). To "
                  f"score a trained one, add --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last).")
             return None
-        if str(ckpt_path) == "last":
-            found = last_checkpoint(folder) if folder is not None else None
+        if str(ckpt_path) in ("last", "best"):
+            which = str(ckpt_path)
+            found = (last_checkpoint if which == "last" else best_checkpoint)(folder) if folder is not None else None
             if found is None:
-                raise UserError(f"--ckpt_path last: no checkpoint in {folder or 'the checkpoint folder'}. Give the run's "
-                                "--trainer.default_root_dir (or --checkpoint.dirpath), or a .ckpt file.")
+                where = folder or "the checkpoint folder"
+                what = "no checkpoint" if folder is None or last_checkpoint(folder) is None else "no best checkpoint named"
+                raise UserError(f"--ckpt_path {which}: {what} in {where}. Give the run's --trainer.default_root_dir (or "
+                                "--checkpoint.dirpath), or a .ckpt file" + (", or --ckpt_path last." if which == "best" else "."))
             return resolve_resume_path(str(found), folder)
         return resolve_resume_path(ckpt_path, folder)
 

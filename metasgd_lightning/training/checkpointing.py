@@ -24,13 +24,16 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.utilities.types import _PATH
+import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-__all__ = ["AtomicCheckpointIO", "CheckpointCorruptError", "Preempted", "checkpoint_is_intact", "foreign_format",
-           "newest_intact_checkpoint", "resolve_resume_path"]
+#: A file or folder path, as a string or a path object.
+PathLike = str | os.PathLike
+
+__all__ = ["AtomicCheckpointIO", "CheckpointCorruptError", "Preempted", "best_checkpoint", "checkpoint_is_intact",
+           "foreign_format", "newest_intact_checkpoint", "resolve_resume_path"]
 
 _LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")  # ModelCheckpoint's last.ckpt and its versions (last-v1.ckpt)
 
@@ -41,7 +44,7 @@ _MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF
           (b"<", "a text file (HTML or XML)"), (b"{", "a text file (JSON)"))
 
 
-def foreign_format(path: _PATH) -> str | None:
+def foreign_format(path: PathLike) -> str | None:
     """What ``path`` is if it is plainly not a PyTorch checkpoint (e.g. ``"a PNG image"``), else None.
 
     ``torch.save`` writes a zip archive (``PK``), or a pickle (``0x80``) in its legacy format; other files
@@ -66,7 +69,7 @@ class CheckpointCorruptError(RuntimeError):
     A file that is plainly something else (an image, a text file) is called not a PyTorch checkpoint instead.
     """
 
-    def __init__(self, path: _PATH, cause: BaseException | None = None) -> None:
+    def __init__(self, path: PathLike, cause: BaseException | None = None) -> None:
         path = Path(path)
         self.path, self.intact = path, newest_intact_checkpoint(path.parent, exclude=path)
         reason = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
@@ -80,7 +83,7 @@ class CheckpointCorruptError(RuntimeError):
             super().__init__(f"Checkpoint {path} is truncated or corrupt{reason}. {advice}")
 
 
-def checkpoint_is_intact(path: _PATH) -> bool:
+def checkpoint_is_intact(path: PathLike) -> bool:
     """Whether ``path`` is a complete ``torch.save`` archive whose every record matches its checksum.
 
     ``torch.save`` writes a zip archive (its table of contents at the end, a CRC-32 per record), so a
@@ -93,7 +96,27 @@ def checkpoint_is_intact(path: _PATH) -> bool:
         return False
 
 
-def newest_intact_checkpoint(folder: _PATH, exclude: _PATH | None = None) -> Path | None:
+def best_checkpoint(folder: PathLike) -> Path | None:
+    """The run's best checkpoint in ``folder``: the one its newest ``last*.ckpt`` ranks best by the monitored
+    metric, if a file of that name is in ``folder`` and intact; None otherwise (no run yet, or none ranked).
+
+    Example::
+
+        best = best_checkpoint("runs/sine_5shot/checkpoints")  # e.g. .../best-step=2000.ckpt
+    """
+    last = last_checkpoint(folder)
+    if last is None or not checkpoint_is_intact(last):
+        return None
+    states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+    for state in states.values():
+        recorded = state.get("best_model_path") if isinstance(state, dict) else None
+        if recorded:
+            path = Path(folder) / Path(recorded).name  # by name: the folder may have been moved or copied since
+            return path if path.is_file() and checkpoint_is_intact(path) else None
+    return None
+
+
+def newest_intact_checkpoint(folder: PathLike, exclude: PathLike | None = None) -> Path | None:
     """The most recently written intact ``*.ckpt`` in ``folder`` (``exclude`` left out), or None."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -106,20 +129,21 @@ def newest_intact_checkpoint(folder: _PATH, exclude: _PATH | None = None) -> Pat
     return None
 
 
-def last_checkpoint(folder: _PATH) -> Path | None:
+def last_checkpoint(folder: PathLike) -> Path | None:
     """The most recently written ``last.ckpt`` (or ``last-vN.ckpt``) in ``folder``, intact or not; None if none."""
     folder = Path(folder)
     found = [p for p in folder.iterdir() if _LAST.match(p.name) and p.is_file()] if folder.is_dir() else []
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def resolve_resume_path(ckpt_path: _PATH | None, folder: _PATH | None) -> _PATH | None:
+def resolve_resume_path(ckpt_path: PathLike | None, folder: PathLike | None) -> PathLike | None:
     """The checkpoint ``fit`` should resume from, checked to be intact.
 
     ``"last"`` with a known checkpoint ``folder`` becomes the newest ``last*.ckpt`` there, or ``None``
     (a fresh start, said in one line) when the folder has none yet. A file path must be an intact
-    checkpoint, else :class:`CheckpointCorruptError`. Other values (``None``, ``"best"``, ``"hpc"``, a
-    ``"last"`` without a known folder, remote paths) are Lightning's to resolve and are returned as given.
+    checkpoint, else :class:`CheckpointCorruptError`. Other values (``None``, ``"hpc"``, a ``"last"``
+    without a known folder, remote paths) are Lightning's to resolve and are returned as given; the
+    commands resolve ``"best"`` themselves (:func:`best_checkpoint`).
     """
     if ckpt_path is None:
         return None
@@ -155,7 +179,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     intact checkpoint beside it. Remote paths (``s3://`` and the like) are left to ``TorchCheckpointIO``.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathLike, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         import torch
@@ -179,7 +203,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with contextlib.suppress(OSError):
                 stray.unlink()
 
-    def load_checkpoint(self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+    def load_checkpoint(self, path: PathLike, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
