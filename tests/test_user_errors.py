@@ -52,9 +52,19 @@ def one_line(args, capsys) -> str:
     (["--data.shots", "x"], "metasgd fit: --data.shots expects int; got 'x'"),
     (["--trainer.max_steps", "-5"], "metasgd fit: `max_steps` must be a non-negative integer or -1"),
     (["--ckpt_path", "nope.ckpt"], "metasgd fit: --ckpt_path nope.ckpt: no such file."),
+    (["--model", "metasgd_lightning.ReptileLightningModule"], "metasgd fit: --model metasgd_lightning.ReptileLightningModule "
+     f"names the module's class, but {SINE} gives Meta-SGD's settings (`model:` without class_path), which another class "
+     "cannot take. Use a config of that method (e.g. configs/reptile_sine.yaml"),
 ])
 def test_a_bad_argument_is_one_line(extra, expected, capsys):
     assert one_line(["fit", "--config", SINE, *extra], capsys).startswith(expected)
+
+
+def test_a_class_that_is_not_there_is_named_with_its_option(capsys):
+    line = one_line(["fit", "--config", str(REPO / "configs/reptile_sine.yaml"), "--model.class_path", "nope.Module"],
+                    capsys)
+    assert line == ("metasgd fit: --model.class_path expects MetaLearningModule or null; got 'nope.Module' "
+                    "(all options: metasgd fit --help)")
 
 
 def test_config_file_mistakes_are_one_line(tmp_path, capsys):

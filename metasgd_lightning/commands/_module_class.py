@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["names_module_class"]
+__all__ = ["module_forms_conflict", "names_module_class"]
 
 
 def names_module_class(args: Sequence[str]) -> bool:
@@ -41,6 +41,33 @@ def names_module_class(args: Sequence[str]) -> bool:
             if "class_path" in _load(value) or (_CLASS_NAME.fullmatch(value) and not _is_file(value)):
                 return True  # e.g. --model ReptileLightningModule
     return False
+
+
+def module_forms_conflict(args: Sequence[str]) -> str | None:
+    """What is wrong when the command line names the module's class but a ``--config`` gives the Meta-SGD form
+    (``model:`` as the module's arguments, no ``class_path``), which subclass mode cannot read; None otherwise.
+
+    Example::
+
+        module_forms_conflict(["--config", "configs/sine_5shot.yaml", "--model", "ReptileLightningModule"])
+    """
+    plain, named = None, None
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if not equals:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if option in ("--config", "-c"):
+            model = _load(value).get("model")
+            if isinstance(model, dict) and model and "class_path" not in model:
+                plain = value
+        elif option == "--model.class_path" or (option == "--model" and value and _CLASS_NAME.fullmatch(value)
+                                                 and not _is_file(value)):
+            named = f"{option} {value}"
+    if plain is None or named is None:
+        return None
+    return (f"{named} names the module's class, but {plain} gives Meta-SGD's settings (`model:` without "
+            "class_path), which another class cannot take. Use a config of that method (e.g. configs/reptile_sine.yaml, "
+            "configs/maml_sine.yaml), or write the config's model as {class_path: ..., init_args: {...}}.")
 
 
 _CLASS_NAME = re.compile(r"[A-Za-z_][\w.]*")

@@ -81,7 +81,11 @@ def parse_error_line(parser, message: str, ex: Exception | None = None) -> str:
         expected = [part.strip() for part in re.split(r",\s*(?![^\[]*\])", subtypes.group(1))]
     expected = [re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", e).replace("NoneType", "null") for e in expected]
     if given and expected:
-        return f"{prog}: {option} expects {' or '.join(expected)}; got {given.group(1).strip()!r} {see}"
+        value = given.group(1).strip()
+        nested = re.fullmatch(r"""["']?NestedArg\(key='([^']+)', val='(.*)'\)["']?""", value)
+        if nested:  # e.g. --model.class_path given a class that is not there
+            option, value = f"{option}.{nested.group(1)}", nested.group(2)
+        return f"{prog}: {option} expects {' or '.join(expected)}; got {value!r} {see}"
     return f"{prog}: {option}: {' '.join(detail.split())} {see}"
 
 

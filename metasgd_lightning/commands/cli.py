@@ -43,7 +43,7 @@ from ..training.checkpointing import (
 from ..training.progress import MetaProgressBar
 from ..training.tensorboard_views import MetaTensorBoardLogger, TensorBoardViews
 from ._errors import UserError, refused_arguments, show_tracebacks, user_error_message
-from ._module_class import names_module_class
+from ._module_class import module_forms_conflict, names_module_class
 from ._parser import MetaSGDArgumentParser
 from ._quiet import silence_lightning_noise
 
@@ -62,6 +62,9 @@ class MetaSGDCLI(TrainerCallbacksFilter):
     def __init__(self, model_class=MetaSGDLightningModule, *args, **kwargs) -> None:
         argv = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
         if model_class is MetaSGDLightningModule and isinstance(argv, (list, tuple)) and names_module_class(argv):
+            conflict = module_forms_conflict(argv)
+            if conflict:
+                raise UserError(conflict)
             model_class, kwargs["subclass_mode_model"] = MetaLearningModule, True
         super().__init__(model_class, *args, **kwargs)
 
