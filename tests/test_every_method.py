@@ -21,6 +21,7 @@ from PIL import Image
 
 import fixtures_episodic as fx
 from conftest import REPO, run_in_process
+from datamodules import SineDataModule
 from metasgd_lightning import (
     MAMLLightningModule,
     MetaSGDLightningModule,
@@ -290,6 +291,28 @@ def test_metasgd_test(method, sine, tmp_path, capsys):
              "--checkpoint.dirpath", str(checkpoint.parent))  # where it was: Lightning warns of a moved folder
     out = capsys.readouterr().out
     assert f"Method: {method} ({CLASSES[method].__name__})" in out and "Test mse:" in out and "95% CI" in out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_metasgd_predict_saves_what_test_scores(method, sine, tmp_path, capsys):
+    checkpoint, config, extra = sine[method]
+    common = ["--config", str(config), *TINY, *SINE_TINY, *extra, "--ckpt_path", str(checkpoint),
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+              "--checkpoint.dirpath", str(checkpoint.parent)]
+    _metasgd("test", *common)
+    test_mse = float(capsys.readouterr().out.split("Test mse: ")[1].split()[0])
+    _metasgd("predict", *common)
+    out = capsys.readouterr().out
+    assert f"Weights: {checkpoint} (step 2)" in out
+    assert f"Predictions: outputs for 4 test tasks, a tensor of shape [4, 10, 1] (tasks, queries, outputs): " \
+           f"{tmp_path / 'predictions.pt'} (torch.load)." in out
+    predictions = torch.load(tmp_path / "predictions.pt")
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    module = SineDataModule(**{**data, "meta_batch_size": 2, "val_tasks": 4, "test_tasks": 4})
+    module.setup("test")
+    query_y = torch.cat([batch[3] for batch in module.test_dataloader()])
+    per_task = ((predictions - query_y) ** 2).mean(dim=(1, 2))  # the tasks test scored, in its order
+    assert float(per_task.mean()) == pytest.approx(test_mse, abs=1e-4)
 
 
 # -- helpers ------------------------------------------------------------------------------------------

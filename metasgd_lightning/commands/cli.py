@@ -175,12 +175,20 @@ class MetaSGDCLI(TrainerCallbacksFilter):
         path = self._evaluated_checkpoint("test", ckpt_path)
         return self.trainer.test(model, datamodule=datamodule, ckpt_path=path, **kwargs)
 
+    def predict(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        path = self._evaluated_checkpoint("predict", ckpt_path)
+        predictions = self.trainer.predict(model, datamodule=datamodule, ckpt_path=path, **kwargs)
+        _save_predictions(self.trainer, predictions)
+        return predictions
+
     def _evaluated_checkpoint(self, command: str, ckpt_path):
-        """The checkpoint ``validate``/``test`` score: ``last`` found in the run's folder; none said plainly."""
+        """The checkpoint ``validate``/``test``/``predict`` use: ``last`` or ``best`` found in the run's folder; none
+        said plainly."""
         folder = getattr(self.trainer.checkpoint_callback, "dirpath", None)
         if ckpt_path is None:
-            _say(f"metasgd {command}: no --ckpt_path, so this scores the untrained model (its initial weights). To "
-                 f"score a trained one, add --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last).")
+            verb = "predicts with" if command == "predict" else "scores"
+            _say(f"metasgd {command}: no --ckpt_path, so this {verb} the untrained model (its initial weights). To use "
+                 f"a trained one, add --ckpt_path <run>/checkpoints/last.ckpt (or --ckpt_path last).")
             return None
         if str(ckpt_path) in ("last", "best"):
             which = str(ckpt_path)
@@ -254,6 +262,23 @@ def _print_summary(trainer, stage: str) -> None:
     if logger is not None and getattr(logger, "save_dir", None):
         lines.append(f"Watch them: {tensorboard_command()} --logdir {shlex.quote(os.path.abspath(logger.save_dir))}")
     print("\n".join(lines), flush=True)
+
+
+def _save_predictions(trainer, predictions) -> None:
+    """``metasgd predict``: the predictions for the data module's test tasks, one tensor in the run's folder."""
+    if not predictions:
+        return
+    if isinstance(predictions[0], list):  # several predict dataloaders: the first
+        predictions = predictions[0]
+    stacked = torch.cat([p.cpu() for p in predictions])
+    rank = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""  # each process predicts its share
+    path = Path(trainer.default_root_dir).resolve() / f"predictions{rank}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(stacked, path)
+    what = "class indices" if trainer.lightning_module.task == "classification" else "outputs"
+    print(f"{_scored_weights(trainer.ckpt_path)}\nPredictions: {what} for {stacked.shape[0]} test tasks, a tensor of "
+          f"shape {list(stacked.shape)} (tasks, queries{', outputs' if what == 'outputs' else ''}): {path} "
+          "(torch.load). For your own images: metasgd adapt.", flush=True)
 
 
 def _scored_weights(ckpt_path) -> str:
