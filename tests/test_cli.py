@@ -1,6 +1,7 @@
 """The `metasgd` command end to end: one fit in a real process as a user runs it (shared by the tests of its
 logs, checkpoints and output), the other runs by its entry point in this process (``run_in_process``)."""
 
+import logging
 import subprocess
 import sys
 
@@ -84,6 +85,27 @@ def test_third_party_noise_is_silenced(trained):
         capture_output=True, text=True, cwd=REPO, check=True,
     )
     assert quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_lightning_s_cpu_lines_are_dropped_under_every_package_name_once(caplog):
+    """Lightning logs through the rank-zero logger of whichever of its packages was imported last (the standalone
+    pytorch_lightning once learn2learn imports it): each name is filtered, and a second call adds no filter."""
+    import pytorch_lightning.utilities.rank_zero  # noqa: F401 - as learn2learn imports it
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from metasgd_lightning.commands._quiet import silence_lightning_noise
+
+    silence_lightning_noise()
+    silence_lightning_noise()
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+    for name in names:
+        assert len(logging.getLogger(f"{name}.utilities.rank_zero").filters) == 1, name
+    with caplog.at_level(logging.INFO):
+        rank_zero_info("GPU available: False, used: False")
+        rank_zero_info("a line of ours")
+        for name in names:
+            logging.getLogger(f"{name}.utilities.rank_zero").info("TPU available: False, using: 0 TPU cores")
+    assert [record.getMessage() for record in caplog.records] == ["a line of ours"]
 
 
 def test_resume_continues_global_step_optimizer_and_rates(tmp_path):

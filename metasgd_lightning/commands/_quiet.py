@@ -25,13 +25,23 @@ class _DropMessages(logging.Filter):
         return not any(fragment in message for fragment in self.fragments)
 
 
+def _filter(logger_name: str, *fragments: str) -> None:
+    """Drop the messages with these fragments from the logger, once however often the command runs in a process."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessages) and f.fragments == fragments for f in logger.filters):
+        logger.addFilter(_DropMessages(*fragments))
+
+
 def silence_lightning_noise() -> None:
     """Drop Lightning's litlogger advertisement, its no-GPU and seed lines, and a torch pytree deprecation warning."""
     # "GPU available: False" and "TPU available: False" on every CPU run, and "Seed set to 0": noise, and lines
     # before a user error's one line (the seed is in the run's config.yaml; GPU lines that say True stay).
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropMessages("litlogger", "GPU available: False", "TPU available: False"))
-    logging.getLogger("lightning.fabric.utilities.seed").addFilter(_DropMessages("Seed set to"))
+    # Lightning logs them under the names of whichever of its packages was imported last: `lightning`'s, or those of
+    # the standalone pytorch_lightning and lightning_fabric once a library (learn2learn) imports them.
+    for package in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+        _filter(f"{package}.utilities.rank_zero", "litlogger", "GPU available: False", "TPU available: False")
+    for package in ("lightning.fabric", "lightning_fabric"):
+        _filter(f"{package}.utilities.seed", "Seed set to")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     # `metasgd fit` says itself, in one line, what a fresh run does to an earlier run's checkpoints (cli.py).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
