@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import shlex
@@ -47,7 +48,7 @@ from ._module_class import module_forms_conflict, names_module_class
 from ._parser import MetaSGDArgumentParser
 from ._quiet import silence_lightning_noise
 
-__all__ = ["MetaSGDCLI", "main"]
+__all__ = ["MetaSGDCLI", "main", "program"]
 
 
 class MetaSGDCLI(TrainerCallbacksFilter):
@@ -318,6 +319,15 @@ COMMANDS = {
     "plot-sine": (".task_plots", "main_sine"),  # adaptation on sine test tasks
     "plot-tasks": (".task_plots", "main_tasks"),  # one image test task, support, queries and predictions
 }
+
+
+def program() -> None:
+    """The ``metasgd`` program (console script and ``python -m metasgd_lightning``): :func:`main` in a process of
+    its own."""
+    # torch's and Lightning's millions of objects live as long as the process: the collector skips them from here
+    # on, which takes a second off the exit of every command (and off its full collections while it runs).
+    gc.freeze()
+    main()
 
 
 def main(args: list[str] | None = None) -> None:
