@@ -68,6 +68,15 @@ def test_plots_refuse_the_other_kind_of_checkpoint(sine_checkpoint, omniglot, tm
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("command, args, message", [
+    ("plot-sine", ["--tasks", "0"], "`tasks` must be a positive integer; got 0."),
+    ("plot-tasks", ["--task", "-1"], "`task` must be an integer >= 0; got -1."),
+])
+def test_plots_name_a_count_or_index_out_of_range_before_reading_the_checkpoint(command, args, message, tmp_path):
+    proc = run_in_process(command, str(tmp_path / "not-read.ckpt"), *args, cwd=tmp_path, check=False)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"metasgd {command}: {message}\n")
+
+
 @pytest.fixture
 def folders(omniglot, tmp_path):
     """support/<3 characters>/one drawing each, and queries/ with another drawing of each."""

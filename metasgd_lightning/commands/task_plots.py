@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..methods.contract import check_positive_int
 from ..training.figures import pyplot, sine_figure, task_figure
 from ._parser import OneLineArgumentParser
 from .inference import checkpoint_datamodule, load_meta_learner
@@ -43,8 +44,12 @@ def plot_sine(checkpoint_path: str | Path, out: str | Path, tasks: int = 4, step
 
     Raises:
         FileNotFoundError: no file at ``checkpoint_path``.
-        ValueError: not a checkpoint, a classification checkpoint, or one without a sine data module.
+        ValueError: not a checkpoint, a classification checkpoint, or one without a sine data module; a count
+            or index out of range.
     """
+    check_positive_int("tasks", tasks)
+    check_positive_int("first_task", first_task, minimum=0)
+    check_positive_int("dpi", dpi)
     module = load_meta_learner(checkpoint_path)
     if module.task != "regression":
         raise ValueError(f"{checkpoint_path} is a classification checkpoint: plot-sine draws regression (sine) "
@@ -74,10 +79,13 @@ def plot_tasks(checkpoint_path: str | Path, out: str | Path, task: int = 0, data
 
     Raises:
         FileNotFoundError: no file at ``checkpoint_path``.
-        ValueError: not a checkpoint, a regression checkpoint, or one whose data module cannot be rebuilt.
+        ValueError: not a checkpoint, a regression checkpoint, or one whose data module cannot be rebuilt; an
+            index out of range.
     """
     from datamodules.episodic import EpisodicDataModule
 
+    check_positive_int("task", task, minimum=0)
+    check_positive_int("dpi", dpi)
     module = load_meta_learner(checkpoint_path)
     if module.task != "classification":
         raise ValueError(f"{checkpoint_path} is a regression checkpoint (e.g. sine curves): plot-tasks draws image "

@@ -232,8 +232,6 @@ def check_positive_int(name: str, value: object, minimum: int = 1, or_none: bool
     return value
 
 
-
-
 def check_bool(name: str, value: object) -> bool:
     """``value`` if it is ``True`` or ``False``; else a ValueError naming ``name``."""
     if not isinstance(value, bool):
