@@ -24,6 +24,7 @@ from metasgd_lightning.commands.inference import (
     load_support_folder,
     predict_images,
 )
+from metasgd_lightning.commands.plotting import plot_learned_rates
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +69,17 @@ def test_support_sets_that_do_not_fit_are_named(python_checkpoint):
 def test_bad_checkpoints_are_named(python_checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint at"):
         load_meta_learner(tmp_path / "missing.ckpt")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"^{run} is a folder, not a checkpoint file. Give the path of a .ckpt"):
+        load_meta_learner(run)
+    (run / "checkpoints" / "last.ckpt").write_bytes(python_checkpoint.read_bytes())
+    for folder in (run, run / "checkpoints"):  # a run folder, or its checkpoint folder
+        with pytest.raises(FileNotFoundError, match=f"^{folder} is a folder, not a checkpoint file: did you mean "
+                                                    f"{run / 'checkpoints' / 'last.ckpt'}\\?$"):
+            load_meta_learner(folder)
+        with pytest.raises(FileNotFoundError, match="is a folder, not a checkpoint file: did you mean"):
+            plot_learned_rates(folder, tmp_path / "lrs.png")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="is not a PyTorch checkpoint: it is neither a zip archive nor a pickle"):
         load_meta_learner(tmp_path / "notes.txt")

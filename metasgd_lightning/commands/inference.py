@@ -44,7 +44,7 @@ from datamodules.preprocessing import ImageTransform
 from .._internals.lightning_internals import recorded_class_path
 from ..training import MetaLearningModule, MetaSGDLightningModule, ReptileLightningModule
 from ..training.base import CHECKPOINT_CLASS_KEY
-from ..training.checkpointing import checkpoint_is_intact, foreign_format
+from ..training.checkpointing import checkpoint_is_intact, foreign_format, missing_checkpoint
 
 __all__ = [
     "Prediction",
@@ -177,8 +177,7 @@ def _resolve_module_class(class_path: object) -> type[MetaLearningModule] | None
 def _read_checkpoint(path: Path, map_location: str | torch.device = "cpu", trusted: bool = False) -> dict:
     """The checkpoint dictionary at ``path``, checked to hold a state dict of a meta-learner."""
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}. Give the path of a .ckpt file written by `metasgd fit` "
-                                "(by default under runs/<config name>/checkpoints/).")
+        raise missing_checkpoint(path)
     other = foreign_format(path)
     if other:
         raise ValueError(f"{path} is not a PyTorch checkpoint: it is {other}. Give the path of a .ckpt file written by "

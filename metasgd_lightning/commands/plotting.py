@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.checkpointing import foreign_format
+from ..training.checkpointing import foreign_format, missing_checkpoint
 from ._parser import OneLineArgumentParser
 
 __all__ = ["NoLearnedRatesError", "plot_learned_rates", "main"]
@@ -52,7 +52,7 @@ def plot_learned_rates(checkpoint_path: str | Path, out: str | Path, bins: int =
 
     path = Path(checkpoint_path)
     if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}.")
+        raise missing_checkpoint(path)
     other = foreign_format(path)
     if other:
         raise ValueError(f"{path} is not a PyTorch checkpoint: it is {other}. Give a .ckpt file written by `metasgd fit`.")

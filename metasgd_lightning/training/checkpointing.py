@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 PathLike = str | os.PathLike
 
 __all__ = ["AtomicCheckpointIO", "CheckpointCorruptError", "Preempted", "best_checkpoint", "checkpoint_is_intact",
-           "foreign_format", "newest_intact_checkpoint", "resolve_resume_path"]
+           "foreign_format", "missing_checkpoint", "newest_intact_checkpoint", "resolve_resume_path"]
 
 _LAST = re.compile(r"^last(-v?\d+)?\.ckpt$")  # ModelCheckpoint's last.ckpt and its versions (last-v1.ckpt)
 
@@ -94,6 +94,24 @@ def checkpoint_is_intact(path: PathLike) -> bool:
             return archive.testzip() is None
     except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return False
+
+
+def missing_checkpoint(path: PathLike) -> FileNotFoundError:
+    """The error for a checkpoint ``path`` that is not a file: a folder names the run's ``last.ckpt`` in it, if any.
+
+    Example::
+
+        if not Path(path).is_file():
+            raise missing_checkpoint(path)
+    """
+    path = Path(path)
+    give = "Give the path of a .ckpt file written by `metasgd fit` (by default under runs/<config name>/checkpoints/)."
+    if not path.is_dir():
+        return FileNotFoundError(f"No checkpoint at {path}. {give}")
+    found = last_checkpoint(path) or last_checkpoint(path / "checkpoints")
+    if found is not None:
+        return FileNotFoundError(f"{path} is a folder, not a checkpoint file: did you mean {found}?")
+    return FileNotFoundError(f"{path} is a folder, not a checkpoint file. {give}")
 
 
 def best_checkpoint(folder: PathLike) -> Path | None:
