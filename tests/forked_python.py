@@ -106,23 +106,26 @@ class _Server:
         with self.lock, tempfile.TemporaryDirectory(prefix="forked-python-") as folder:
             out, err = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
             request = {"args": args, "cwd": cwd, "env": env, "stdout": out, "stderr": err}
-            self.process.stdin.write(json.dumps(request).encode() + b"\n")
-            self.process.stdin.flush()
-            # The server's imports count against the first run's timeout only as far as they exceed a minute.
-            pid = int(self._answer("pid", time.monotonic() + timeout + 60))
-            deadline, finished = time.monotonic() + timeout, False
+            pid, status = None, None
             try:
-                status = int(self._answer("exit", deadline))
-                finished = True
-            except subprocess.TimeoutExpired:
-                pass
-            finally:
-                if not finished:  # a timeout, or pytest interrupted: the run and its workers must not outlive it
+                self.process.stdin.write(json.dumps(request).encode() + b"\n")
+                self.process.stdin.flush()
+                # The server's imports count against the first run's timeout only as far as they exceed a minute.
+                pid = int(self._answer("pid", time.monotonic() + timeout + 60))
+                try:
+                    status = int(self._answer("exit", time.monotonic() + timeout))
+                except subprocess.TimeoutExpired:
+                    _kill_group(pid)  # the run and its own processes
+                    self._answer("exit", time.monotonic() + 60)
+            except BaseException:
+                # pytest interrupted, or the server lost: no run outlives this, and the server, whose answers may
+                # now be out of step, is replaced at the next run.
+                if pid is not None:
                     _kill_group(pid)
-            if not finished:
-                self._answer("exit", time.monotonic() + 60)
+                self.process.kill()
+                raise
             stdout, stderr = (Path(path).read_text(errors="replace") for path in (out, err))
-            if not finished:
+            if status is None:
                 raise subprocess.TimeoutExpired([sys.executable, *args], timeout, stdout, stderr)
             return subprocess.CompletedProcess([sys.executable, *args], status, stdout, stderr)
 
