@@ -252,4 +252,5 @@ def test_reptile_ddp_averages_over_all_ranks_tasks_as_one_process_with_the_whole
         (result,) = record["val"]
         assert result["n"] == expected["n"] == 7
         for key in ("mean", "ci95"):
-            assert result[key] == pytest.approx(expected[key], rel=1e-9), key
+            # float32 rounding: equal when both sides compute on one thread (make test), not otherwise
+            assert result[key] == pytest.approx(expected[key], rel=1e-6), key
