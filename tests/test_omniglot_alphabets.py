@@ -125,7 +125,7 @@ def test_within_alphabet_needs_an_alphabet_with_enough_characters(five_alphabets
         dm.setup("fit")
 
 
-def test_the_options_parse_from_a_config(five_alphabets, tmp_path):
+def test_the_options_parse_from_a_config(five_alphabets, tmp_path, monkeypatch):
     from lightning.pytorch.cli import LightningCLI
 
     from metasgd_lightning.training import MetaSGDLightningModule
@@ -137,7 +137,9 @@ def test_the_options_parse_from_a_config(five_alphabets, tmp_path):
         "data:\n  class_path: datamodules.OmniglotDataModule\n  init_args:\n"
         f"    root: {five_alphabets}\n    split_by: alphabet\n    val_alphabets: [Alphabet_0]\n"
         "    test_alphabets: [Alphabet_4]\n    within_alphabet: true\n    ways: 3\n    image_size: 8\n")
+    monkeypatch.setattr("sys.argv", ["metasgd"])  # the args below are the command line, not pytest's
     cli = LightningCLI(MetaSGDLightningModule, subclass_mode_data=True, run=False,
-                       args=["--config", str(config), "--trainer.logger", "false"], save_config_callback=None)
+                       args=["--config", str(config), "--trainer.logger", "false", "--seed_everything", "0"],
+                       save_config_callback=None)
     assert cli.datamodule.split_by == "alphabet" and cli.datamodule.within_alphabet
     assert cli.datamodule.split_alphabets == {"val": ["Alphabet_0"], "test": ["Alphabet_4"]}

@@ -124,7 +124,7 @@ def test_lightning_cli_still_records_its_hparams_keys(tmp_path):
     assert internals.recorded_class_path(hparams, pop=True) == "a.B" and internals.recorded_class_path(hparams) is None
 
 
-def test_lightning_cli_still_hands_its_callbacks_to_instantiate_trainer():
+def test_lightning_cli_still_hands_its_callbacks_to_instantiate_trainer(monkeypatch):
     import inspect
 
     from lightning.pytorch.callbacks import LearningRateMonitor
@@ -133,6 +133,7 @@ def test_lightning_cli_still_hands_its_callbacks_to_instantiate_trainer():
 
     from metasgd_lightning._internals.lightning_internals import TrainerCallbacksFilter
 
+    monkeypatch.setattr("sys.argv", ["metasgd"])  # the CLI's args are the command line, not pytest's
     hook = getattr(LightningCLI, "_instantiate_trainer", None)
     assert hook is not None and list(inspect.signature(hook).parameters) == ["self", "config", "callbacks"], \
         "LightningCLI._instantiate_trainer changed: update _internals.lightning_internals.TrainerCallbacksFilter"
