@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from forked_python import run_python
+from forked_python import preloaded_environment, run_python
 
 SELF_REPORT = textwrap.dedent("""
     import json, os, sys
@@ -55,6 +55,7 @@ def test_a_script_and_a_module_see_what_a_fresh_interpreter_sees_and_end_alike(s
         assert forked.returncode == fresh.returncode == {"": 0, "3": 3, "a message": 1}[end]
         assert forked.stderr == fresh.stderr and forked.stderr.startswith("to stderr\n")
         seen, expected = json.loads(forked.stdout), json.loads(fresh.stdout)
+        expected["env"].update(preloaded_environment(env))  # what importing Lightning sets, as in a `metasgd` run
         assert seen == expected, (args, seen, expected)
         assert seen["session_leader"] and seen["stdin"] == "" and seen["extra_path"] == [str(scripts / "lib")]
 
@@ -98,3 +99,28 @@ def _running(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_call_waits_for_what_the_run_left_running_as_subprocess_run_does(tmp_path):
+    (tmp_path / "leave.py").write_text(textwrap.dedent("""
+        import subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); print('late', flush=True)"])
+        print('first', flush=True)
+    """))
+    forked, fresh = _both([tmp_path / "leave.py"], tmp_path, os.environ)
+    assert forked.stdout == fresh.stdout == "first\nlate\n"
+
+
+def test_each_run_draws_its_own_random_numbers(tmp_path):
+    (tmp_path / "draw.py").write_text("import random, numpy\nprint(random.random(), numpy.random.rand())\n")
+    first, second = (run_python([tmp_path / "draw.py"], cwd=tmp_path, env=os.environ, timeout=60).stdout.split()
+                     for _ in range(2))
+    assert first[0] != second[0] and first[1] != second[1]
+
+
+def test_a_missing_working_folder_is_refused_as_subprocess_run_refuses_it(tmp_path):
+    (tmp_path / "x.py").write_text("")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        run_python([tmp_path / "x.py"], cwd=tmp_path / "nowhere", env=os.environ, timeout=60)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        subprocess.run([sys.executable, tmp_path / "x.py"], cwd=tmp_path / "nowhere", timeout=60)
