@@ -55,6 +55,8 @@ def one_line(args, capsys) -> str:
     (["--model", "metasgd_lightning.ReptileLightningModule"], "metasgd fit: --model metasgd_lightning.ReptileLightningModule "
      f"names the module's class, but {SINE} gives Meta-SGD's settings (`model:` without class_path), which another class "
      "cannot take. Use a config of that method (e.g. configs/reptile_sine.yaml"),
+    (["--model", "{class_path: metasgd_lightning.MAMLLightningModule}"],
+     "metasgd fit: --model {class_path: metasgd_lightning.MAMLLightningModule} names the module's class, but"),
 ])
 def test_a_bad_argument_is_one_line(extra, expected, capsys):
     assert one_line(["fit", "--config", SINE, *extra], capsys).startswith(expected)
@@ -133,14 +135,26 @@ def test_best_is_the_run_s_best_checkpoint_and_where_there_is_none_one_line(sine
     assert f"Weights: {recorded} (step " in capsys.readouterr().out
     shutil.copytree(folder, tmp_path / "moved")  # a run folder moved elsewhere: its best by name
     assert best_checkpoint(tmp_path / "moved") == tmp_path / "moved" / recorded.name
+    (tmp_path / "moved" / recorded.name).unlink()  # recorded, but no longer there
+    line = one_line(["test", "--config", SINE, *TINY, "--checkpoint.dirpath", str(tmp_path / "moved"),
+                     "--ckpt_path", "best"], capsys)
+    assert line == (f"metasgd test: --ckpt_path best: {tmp_path / 'moved' / 'last.ckpt'} names no best checkpoint that "
+                    f"is in {tmp_path / 'moved'} and intact. Give a .ckpt file, or --ckpt_path last.")
     line = one_line(["validate", "--config", SINE, *TINY, "--trainer.default_root_dir", str(tmp_path / "new"),
                      "--ckpt_path", "best"], capsys)
     assert line == (f"metasgd validate: --ckpt_path best: no checkpoint in {tmp_path / 'new' / 'checkpoints'}. Give the "
-                    "run's --trainer.default_root_dir (or --checkpoint.dirpath), or a .ckpt file, or --ckpt_path last.")
+                    "run's --trainer.default_root_dir (or --checkpoint.dirpath), or a .ckpt file.")
     line = one_line(["fit", "--config", SINE, *TINY, "--trainer.default_root_dir", str(sine_run), "--ckpt_path", "best"],
                     capsys)
     assert line == ("metasgd fit: --ckpt_path best: fit resumes from `last` (the run's newest state) or from a checkpoint "
                     f"file; to resume from the best, give its file: {recorded}.")
+
+
+def test_predict_on_several_processes_is_one_line(capsys):
+    line = one_line(["predict", "--config", SINE, *TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
+                    capsys)
+    assert line == ("metasgd predict: predict runs on one process (given 2), so that its file holds the test tasks in "
+                    "order: add --trainer.devices 1 --trainer.num_nodes 1.")
 
 
 def test_test_with_last_and_no_checkpoint_is_one_line(tmp_path, capsys):

@@ -60,8 +60,8 @@ def module_forms_conflict(args: Sequence[str]) -> str | None:
             model = _load(value).get("model")
             if isinstance(model, dict) and model and "class_path" not in model:
                 plain = value
-        elif option == "--model.class_path" or (option == "--model" and value and _CLASS_NAME.fullmatch(value)
-                                                 and not _is_file(value)):
+        elif option == "--model.class_path" or (option == "--model" and value and (
+                "class_path" in _load(value) or (_CLASS_NAME.fullmatch(value) and not _is_file(value)))):
             named = f"{option} {value}"
     if plain is None or named is None:
         return None

@@ -177,6 +177,9 @@ class MetaSGDCLI(TrainerCallbacksFilter):
         return self.trainer.test(model, datamodule=datamodule, ckpt_path=path, **kwargs)
 
     def predict(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        if self.trainer.world_size > 1:
+            raise UserError(f"predict runs on one process (given {self.trainer.world_size}), so that its file holds "
+                            "the test tasks in order: add --trainer.devices 1 --trainer.num_nodes 1.")
         path = self._evaluated_checkpoint("predict", ckpt_path)
         predictions = self.trainer.predict(model, datamodule=datamodule, ckpt_path=path, **kwargs)
         _save_predictions(self.trainer, predictions)
@@ -193,12 +196,14 @@ class MetaSGDCLI(TrainerCallbacksFilter):
             return None
         if str(ckpt_path) in ("last", "best"):
             which = str(ckpt_path)
-            found = (last_checkpoint if which == "last" else best_checkpoint)(folder) if folder is not None else None
+            last = last_checkpoint(folder) if folder is not None else None
+            if last is None:
+                raise UserError(f"--ckpt_path {which}: no checkpoint in {folder or 'the checkpoint folder'}. Give the "
+                                "run's --trainer.default_root_dir (or --checkpoint.dirpath), or a .ckpt file.")
+            found = last if which == "last" else best_checkpoint(folder)
             if found is None:
-                where = folder or "the checkpoint folder"
-                what = "no checkpoint" if folder is None or last_checkpoint(folder) is None else "no best checkpoint named"
-                raise UserError(f"--ckpt_path {which}: {what} in {where}. Give the run's --trainer.default_root_dir (or "
-                                "--checkpoint.dirpath), or a .ckpt file" + (", or --ckpt_path last." if which == "best" else "."))
+                raise UserError(f"--ckpt_path best: {last} names no best checkpoint that is in {folder} and intact. "
+                                "Give a .ckpt file, or --ckpt_path last.")
             return resolve_resume_path(str(found), folder)
         return resolve_resume_path(ckpt_path, folder)
 
@@ -268,12 +273,11 @@ def _print_summary(trainer, stage: str) -> None:
 def _save_predictions(trainer, predictions) -> None:
     """``metasgd predict``: the predictions for the data module's test tasks, one tensor in the run's folder."""
     if not predictions:
-        return
+        raise UserError("predict returned no predictions (`return_predictions` off, or no test tasks): nothing saved.")
     if isinstance(predictions[0], list):  # several predict dataloaders: the first
         predictions = predictions[0]
     stacked = torch.cat([p.cpu() for p in predictions])
-    rank = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""  # each process predicts its share
-    path = Path(trainer.default_root_dir).resolve() / f"predictions{rank}.pt"
+    path = Path(trainer.default_root_dir).resolve() / "predictions.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(stacked, path)
     what = "class indices" if trainer.lightning_module.task == "classification" else "outputs"

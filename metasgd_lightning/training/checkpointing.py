@@ -125,7 +125,10 @@ def best_checkpoint(folder: PathLike) -> Path | None:
     last = last_checkpoint(folder)
     if last is None or not checkpoint_is_intact(last):
         return None
-    states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+    try:
+        states = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+    except Exception:  # noqa: BLE001 - e.g. a callback state that only a full unpickling reads: no best known
+        return None
     for state in states.values():
         recorded = state.get("best_model_path") if isinstance(state, dict) else None
         if recorded:
