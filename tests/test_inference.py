@@ -64,6 +64,10 @@ def test_support_sets_that_do_not_fit_are_named(python_checkpoint):
         adapt(module, torch.randn(6, 1, 32, 32), y)
     with pytest.raises(ValueError, match="same number of examples"):
         adapt(module, x, y[:5])
+    with pytest.raises(ValueError, match=r"^`steps` must be a positive integer or None; got 0\.$"):
+        adapt(module, x, y, steps=0)  # not the default steps, which 0 used to give
+    with pytest.raises(ValueError, match=r"^`steps` must be a positive integer; got 0\.$"):
+        module.adapt_task(x, y, steps=0)
 
 
 def test_bad_checkpoints_are_named(python_checkpoint, tmp_path):

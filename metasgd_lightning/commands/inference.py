@@ -42,6 +42,7 @@ from datamodules.images import FileImages
 from datamodules.preprocessing import ImageTransform
 
 from .._internals.lightning_internals import recorded_class_path
+from ..methods.contract import check_positive_int
 from ..training import MetaLearningModule, MetaSGDLightningModule, ReptileLightningModule
 from ..training.base import CHECKPOINT_CLASS_KEY
 from ..training.checkpointing import checkpoint_is_intact, foreign_format, missing_checkpoint
@@ -216,6 +217,7 @@ def adapt(module: MetaLearningModule, support_x: Tensor, support_y: Tensor, step
         ValueError: the support set does not fit the model (number of ways, a class without examples,
             input shape).
     """
+    check_positive_int("steps", steps, or_none=True)  # before the work, not after the checks below
     device = next(module.parameters()).device
     support_x, support_y = support_x.to(device), support_y.to(device)
     if support_x.shape[0] != support_y.shape[0]:

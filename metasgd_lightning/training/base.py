@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .._internals.lightning_internals import built_by_cli, mark_as_cli_config
-from ..methods.contract import InnerLoopDivergedError, TaskBatchResult, Vectorize, check_task_batch
+from ..methods.contract import (
+    InnerLoopDivergedError,
+    TaskBatchResult,
+    Vectorize,
+    check_positive_int,
+    check_task_batch,
+)
 from .metrics import TaskMeanCI, task_accuracy
 
 __all__ = ["CHECKPOINT_CLASS_KEY", "MetaLearningModule", "SetupError", "Task", "check_positive_or_none"]
@@ -224,8 +230,8 @@ class MetaLearningModule(L.LightningModule):
 
     def adapt_task(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> dict[str, Tensor]:
         """The fast weights for one task, adapted as at evaluation (``eval_inner_steps`` steps by default)."""
-        return self.meta_learner.adapt(support_x, support_y, self.loss_fn, steps=steps or self.eval_inner_steps,
-                                       **self.evaluation_options())
+        steps = self.eval_inner_steps if steps is None else check_positive_int("steps", steps)
+        return self.meta_learner.adapt(support_x, support_y, self.loss_fn, steps=steps, **self.evaluation_options())
 
     def predict_task(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Adapt to one task's support set and predict its queries: class indices, or outputs (regression)."""
