@@ -22,6 +22,7 @@ import contextlib
 import os
 import random
 import signal
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .checks import check_int
 
 __all__ = ["SPLITS", "task_seed", "task_generator", "seeded_global_rngs", "TaskIndexSampler", "FixedTaskSampler",
-           "TaskDataLoader", "TaskLoaders"]
+           "TaskDataLoader", "TaskLoaders", "WorkerDeathNamingDataLoader", "killed_child"]
 
 SPLITS = ("train", "val", "test")
 
@@ -219,7 +220,65 @@ def _exit_quietly(signum, frame) -> None:
     os._exit(0)
 
 
-class TaskDataLoader(DataLoader):
+class WorkerDeathNamingDataLoader(DataLoader):
+    """A ``DataLoader`` that names a worker process killed while it handed over a batch (:class:`_NamesKilledWorker`)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return _names_killed_worker(super().__iter__(), self.num_workers)
+
+
+def _names_killed_worker(iterator: Iterator[Any], num_workers: int) -> Iterator[Any]:
+    return _NamesKilledWorker(iterator) if num_workers > 0 else iterator
+
+
+class _NamesKilledWorker(Iterator):
+    """A multi-worker loader's iterator that names a worker killed while it handed over a batch.
+
+    PyTorch names a worker it finds dead ("DataLoader worker (pid N) is killed by signal: Killed."). But a
+    worker killed while a batch of its is in transit (the out-of-memory killer, say) breaks the hand-over
+    of the batch's shared memory first (``ConnectionResetError``, ``EOFError``), and PyTorch, which finds
+    the worker not yet gone, raises that bare error. This waits for a killed child process to show and
+    names it the same way; any other error is raised as it was.
+    """
+
+    def __init__(self, iterator: Iterator[Any], wait: float = 2.0) -> None:
+        self.iterator, self.wait = iterator, wait  # seconds a worker may take to finish dying
+
+    def __next__(self) -> Any:
+        try:
+            return next(self.iterator)
+        except (ConnectionError, EOFError) as error:
+            killed = killed_child(self.wait)
+            if killed is None:
+                raise
+            pid, number = killed
+            raise RuntimeError(
+                f"DataLoader worker (pid {pid}) is killed by signal: {signal.Signals(number).name}, while handing over a "
+                f"batch ({type(error).__name__}: {error}). The out-of-memory killer sends SIGKILL: fewer `num_workers` "
+                "or a smaller `meta_batch_size` use less memory.") from error
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+
+def killed_child(wait: float = 2.0) -> tuple[int, int] | None:
+    """``(pid, signal)`` of a child process of this one that a signal killed and that is not yet reaped (it is left
+    so); waits up to ``wait`` seconds for one still dying. None if there is none, or if another ended child is
+    waiting to be reaped first."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # no child at all
+            return None
+        if info is not None:
+            return (info.si_pid, info.si_status) if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
+class TaskDataLoader(WorkerDeathNamingDataLoader):
     """The training ``DataLoader`` over a :class:`TaskIndexSampler`, resumable mid-epoch through Lightning.
 
     Lightning saves the ``state_dict()`` of a training loader that has one in every checkpoint and
@@ -281,7 +340,7 @@ class _CountedBatches(Iterator):
         if self.iterator is None:
             sampler: TaskIndexSampler = loader.sampler
             loader._origin, loader._batches = (sampler.epoch, sampler.start), 0
-            self.iterator = DataLoader.__iter__(loader)
+            self.iterator = _names_killed_worker(DataLoader.__iter__(loader), loader.num_workers)
         batch = next(self.iterator)
         loader._batches += 1
         return batch
@@ -297,7 +356,8 @@ class TaskLoaders:
     ``val_tasks`` and ``test_tasks``.
     """
 
-    def _loader(self, split: str, length: int, sampler: DistributedSampler, loader: type = DataLoader) -> DataLoader:
+    def _loader(self, split: str, length: int, sampler: DistributedSampler,
+                loader: type = WorkerDeathNamingDataLoader) -> DataLoader:
         return loader(self.tasks(split, length), batch_size=self.meta_batch_size, sampler=sampler,
                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                       worker_init_fn=quiet_stop_signals if self.num_workers > 0 else None)

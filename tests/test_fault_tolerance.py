@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -203,6 +204,37 @@ def test_a_dead_dataloader_worker_is_named_and_the_last_checkpoint_stays(tmp_pat
     saved = _load(run / "ckpt" / "last.ckpt")["global_step"]
     assert saved in (4, 6, 8)  # every 4 steps and at the end of epoch 1
     assert f"the last checkpoint, {run / 'ckpt' / 'last.ckpt'} (step {saved}), is intact" in proc.stderr
+
+
+def test_a_worker_killed_while_handing_over_a_batch_is_named_not_a_bare_connection_error(tmp_path):
+    # The race the test above can meet: the hand-over breaks before PyTorch finds the worker gone. Played in a
+    # process of its own, whose only children are the ones it starts.
+    (tmp_path / "race.py").write_text(textwrap.dedent("""
+        import os, signal, subprocess, sys
+        from datamodules.sampling import _NamesKilledWorker
+
+        class BrokenHandOver:
+            def __next__(self):
+                raise ConnectionResetError(104, "Connection reset by peer")
+
+        for kill in (False, True):
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            if kill:
+                os.kill(child.pid, signal.SIGKILL)  # left unreaped, as a dying worker is
+            try:
+                next(_NamesKilledWorker(BrokenHandOver(), wait=0.2))
+            except Exception as error:
+                print(child.pid, type(error).__name__, error, sep=" | ")
+            child.kill()
+            child.wait()
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = run_python([tmp_path / "race.py"], cwd=tmp_path, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (alive, kind, message), (killed, kind_killed, message_killed) = (line.split(" | ") for line in proc.stdout.splitlines())
+    assert (kind, message) == ("ConnectionResetError", "[Errno 104] Connection reset by peer")  # no killed worker
+    assert kind_killed == "RuntimeError" and message_killed.startswith(
+        f"DataLoader worker (pid {killed}) is killed by signal: SIGKILL, while handing over a batch (ConnectionResetError:")
 
 
 # -- in one process ----------------------------------------------------------------------------------
