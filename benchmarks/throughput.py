@@ -371,9 +371,9 @@ class FlopCount:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 out = func(*args, **kwargs)
-                formula = flop_registry.get(func._overloadpacket)
+                formula = flop_registry.get(func.overloadpacket)
                 if formula is not None:
-                    name = str(func._overloadpacket).removeprefix("aten.")
+                    name = str(func.overloadpacket).removeprefix("aten.")
                     counter.by_op[name] = counter.by_op.get(name, 0) + int(formula(*args, **kwargs, out_val=out))
                 return out
 
