@@ -335,7 +335,8 @@ def program() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``metasgd`` console script and ``python -m metasgd_lightning``.
+    """The ``metasgd`` command with ``args`` (default: ``sys.argv[1:]``), in this process; :func:`program` is the
+    console script's entry point.
 
     A user's mistake ends in one line, ``metasgd <command>: <what is wrong>``, and exit status 1; a bug of
     ours keeps its traceback. ``METASGD_TRACEBACK=1`` shows the traceback of user errors too.
