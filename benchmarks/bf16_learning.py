@@ -34,39 +34,33 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import math
 import os
-import shlex
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import lightning as L
 import torch
 
 from benchmarks import _training
-from benchmarks._results import write_results
 from benchmarks._training import fit_and_test, quiet, run_rows
 from benchmarks.compare_methods import (
-    SHARED_ZIP,
+    SectionWriter,
     _restore_env,
     _spawn_env,
+    add_run_arguments,
     build_data,
     build_module,
-    machine,
+    load_average,
     meta_parameters,
+    omniglot_root,
+    start_run,
     time_problems,
-    with_timing,
 )
 from metasgd_lightning import InnerLoopDivergedError
 
 METHOD = "Meta-SGD"  # the row of benchmarks.compare_methods.METHODS: the settings of our configs
 PRECISIONS = ("32-true", "bf16-mixed")
 REFERENCE = "32-true"  # equal wall time: this precision's training time at equal steps
-DEFAULT_STEPS = {"sine": 2000, "omniglot": 1000}
 
 
 def equal_time_steps(reference_steps: int, seconds_per_step: dict[str, float],
@@ -265,64 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     threads = torch.get_num_threads()
     spare = max(0.25, (os.cpu_count() or 1) - threads + 0.25)  # others may use the cores this process does not
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", nargs="+", choices=["sine", "omniglot"], default=["sine", "omniglot"])
-    parser.add_argument("--steps", type=int, nargs="+", default=None,
-                        help="meta-steps at equal steps, one per problem (default: sine 2000, Omniglot 1000)")
-    parser.add_argument("--test-tasks", type=int, default=600)
-    parser.add_argument("--zip", type=Path, default=SHARED_ZIP, help="images_background_small1.zip")
-    parser.add_argument("--jobs", type=int, default=1, help="training rows at once (1: timings least disturbed)")
-    parser.add_argument("--no-equal-time", action="store_true", help="no equal-wall-time pass")
-    parser.add_argument("--rounds", type=int, default=5, help="timing: turns per precision")
-    parser.add_argument("--timing-steps", type=int, default=6, help="timing: timed meta-steps per turn")
-    parser.add_argument("--busy-threshold", type=float, default=spare,
-                        help="timing: CPUs other processes may keep busy for a step to count as run alone (default: "
-                             f"the CPUs this process's {threads} thread(s) leave free, + 0.25: {spare})")
-    parser.add_argument("--max-wait", type=float, default=10.0, help="timing: seconds to wait for quiet CPUs before a step")
-    parser.add_argument("--max-load", type=float, default=spare + 0.5,
-                        help=f"refuse to start above this 1-minute load average (default {spare + 0.5})")
-    parser.add_argument("--allow-busy", action="store_true", help="start even above --max-load (the timings say so)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 5 meta-steps per problem, 20 test tasks, 2 rounds of 2 timed steps, no waiting")
-    parser.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/results.md")
-    parser.add_argument("--seed", type=int, default=0)
+    add_run_arguments(parser, turns_of="precision", jobs_help="training rows at once (1: timings least disturbed)",
+                      busy_threshold=spare, busy_help="timing: CPUs other processes may keep busy for a step to count "
+                      f"as run alone (default: the CPUs this process's {threads} thread(s) leave free, + 0.25: {spare})",
+                      max_wait=10.0, max_load=spare + 0.5)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.steps = args.steps or [5] * len(args.problems)
-        args.test_tasks, args.rounds, args.timing_steps, args.max_wait = min(args.test_tasks, 20), 2, 2, 0.0
-    if args.steps and len(args.steps) != len(args.problems):
-        parser.error(f"--steps needs one value per problem {args.problems}; got {args.steps}")
-    steps_of = dict(zip(args.problems, args.steps or [DEFAULT_STEPS[p] for p in args.problems]))
-    quiet()
-    command = "python -m benchmarks.bf16_learning " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    if os.environ.get("OMP_NUM_THREADS"):
-        command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " + command
-
-    def load_now() -> str:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" (1, 5, 15 min) on {os.cpu_count()} CPUs"
-
-    load = os.getloadavg()
-    print(f"load average: {load_now()}", flush=True)
-    if load[0] > args.max_load:
-        message = (f"the machine is busy (1-minute load {load[0]:.2f} > --max-load {args.max_load}): timings and training "
-                   "seconds would measure the other work too")
-        if not args.allow_busy:
-            parser.error(message + "; wait for a quiet machine or pass --allow-busy")
-        print("WARNING: " + message + " (--allow-busy)", flush=True)
-    meta = dict(command=command, seed=args.seed, test_tasks=args.test_tasks, rounds=args.rounds,
-                timing_steps=args.timing_steps, busy_threshold=args.busy_threshold, load=load_now(), machine=machine(),
-                date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                budget="; ".join(f"{p} {steps_of[p]} meta-steps" for p in args.problems))
+    steps_of, meta = start_run(parser, args, "benchmarks.bf16_learning", argv)
     saved_env = _spawn_env()
-    with tempfile.TemporaryDirectory(prefix="omniglot_") as tmp:
-        root = ""
-        if "omniglot" in args.problems:
-            if not args.zip.is_file():
-                parser.error(f"--zip: no file at {args.zip}; pass the Omniglot zip")
-            with zipfile.ZipFile(args.zip) as archive:
-                archive.extractall(tmp)
-            root = str(Path(tmp) / args.zip.stem)
-
+    with omniglot_root(parser, args) as root:
         # 1. Timing by turns: the two precisions alternate in one process per problem.
         print(f"\n== timing: {args.rounds} rounds of {args.timing_steps} meta-steps per precision, taking turns",
               flush=True)
@@ -331,16 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                             seed=args.seed, root=root, busy_threshold=args.busy_threshold, max_wait=args.max_wait,
                             label=f"timing {p}") for p in args.problems]
         timing = time_problems(timing_rows)
-        done: list[dict] = []
-
-        def finish(records: list[dict]) -> list[dict]:
-            return with_timing(records, timing, "precision")
-
-        def write(records: list[dict]) -> None:
-            rows_so_far = finish(done + records)
-            if not args.no_write and rows_so_far:
-                write_results("bf16_learning", [{k: v for k, v in r.items() if k != "summary"} for r in rows_so_far]
-                              + [{"timing": timing, **meta}], section(rows_so_far, timing, meta))
+        write = SectionWriter("bf16_learning", timing, meta, "precision", section, not args.no_write)
 
         def row(p: str, precision: str, steps: int, pass_: str, budget: str) -> dict:
             return dict(problem=p, precision=precision, steps=steps, budget=budget, seed=args.seed, root=root,
@@ -351,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n== equal meta-steps", flush=True)
         rows = [row(p, precision, steps_of[p], "steps", f"{steps_of[p]} meta-steps")
                 for p in args.problems for precision in PRECISIONS]
-        done += [r for r in run_rows(rows, run, args.jobs, on_record=write, fresh_processes=True) if "error" not in r]
+        write.add(run_rows(rows, run, args.jobs, on_record=write, fresh_processes=True))
 
         # 3. Equal wall time: float32's steps × its timed s/step, in each precision's own timed steps.
         if not args.no_equal_time:
@@ -361,12 +296,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows += [row(p, precision, steps[precision], "time", f"{budget:.0f} s (float32's)")
                          for precision in PRECISIONS if precision != REFERENCE]
             print("\n== equal wall time", flush=True)
-            done += [r for r in run_rows(rows, run, args.jobs, on_record=write, fresh_processes=True) if "error" not in r]
+            write.add(run_rows(rows, run, args.jobs, on_record=write, fresh_processes=True))
     _restore_env(saved_env)
-    meta["load_end"] = load_now()
+    meta["load_end"] = load_average()
     write([])
-    finish(done)
-    text = section(done, timing, meta)
+    text = section(write.rows(), timing, meta)
     print("\n" + (text if args.no_write else "\n\n".join(text.split("\n\n")[4:])))
 
 

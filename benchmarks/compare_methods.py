@@ -46,6 +46,7 @@ benchmarks/results/compare_methods.json (not with ``--no-write``, which prints t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import inspect
 import os
@@ -55,6 +56,7 @@ import statistics
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,6 +72,7 @@ from metasgd_lightning import ConvNet4, MetaSGDLightningModule, ReptileLightning
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ZIP = REPO.parent / "shared/data/omniglot/images_background_small1.zip"
+DEFAULT_STEPS = {"sine": 2000, "omniglot": 1000}  # meta-steps at equal steps
 
 try:  # MAML by name where the package has it; before, the same recipe as Meta-SGD with a fixed rate.
     from metasgd_lightning import MAMLLightningModule
@@ -416,50 +419,109 @@ def _restore_env(saved: dict) -> None:
             os.environ[k] = v
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_arguments(parser: argparse.ArgumentParser, *, turns_of: str, jobs_help: str, busy_threshold: float,
+                      busy_help: str, max_wait: float, max_load: float) -> None:
+    """The options of the learning benchmarks that take turns, train rows and write a section (this one and
+    ``benchmarks.bf16_learning``); ``turns_of`` names what takes turns in the timing (methods, precisions)."""
     parser.add_argument("--problems", nargs="+", choices=["sine", "omniglot"], default=["sine", "omniglot"])
     parser.add_argument("--steps", type=int, nargs="+", default=None,
-                        help="meta-steps, one per problem (default: sine 2000, Omniglot 1000)")
+                        help="meta-steps at equal steps, one per problem (default: sine 2000, Omniglot 1000)")
     parser.add_argument("--test-tasks", type=int, default=600)
     parser.add_argument("--zip", type=Path, default=SHARED_ZIP, help="images_background_small1.zip")
-    parser.add_argument("--jobs", type=int, default=1, help="accuracy rows at once (peak memory is cleanest with 1)")
-    parser.add_argument("--methods", nargs="+", default=None, help="only these rows (names of METHODS)")
+    parser.add_argument("--jobs", type=int, default=1, help=jobs_help)
     parser.add_argument("--no-equal-time", action="store_true", help="no equal-wall-time pass")
-    parser.add_argument("--no-inner5", action="store_true", help="no equal-inner-steps rows")
-    parser.add_argument("--rounds", type=int, default=5, help="timing: turns per method")
+    parser.add_argument("--rounds", type=int, default=5, help=f"timing: turns per {turns_of}")
     parser.add_argument("--timing-steps", type=int, default=6, help="timing: timed meta-steps per turn")
-    parser.add_argument("--busy-threshold", type=float, default=0.25,
-                        help="timing: CPUs other processes may keep busy for a step to count as run alone")
-    parser.add_argument("--max-wait", type=float, default=20.0, help="timing: seconds to wait for quiet CPUs before a step")
-    parser.add_argument("--max-load", type=float, default=0.5, help="refuse to start above this 1-minute load average")
+    parser.add_argument("--busy-threshold", type=float, default=busy_threshold, help=busy_help)
+    parser.add_argument("--max-wait", type=float, default=max_wait, help="timing: seconds to wait for quiet CPUs before a step")
+    parser.add_argument("--max-load", type=float, default=max_load,
+                        help=f"refuse to start above this 1-minute load average (default {max_load})")
     parser.add_argument("--allow-busy", action="store_true", help="start even above --max-load (the timings say so)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 5 meta-steps per problem, 20 test tasks, 2 rounds of 2 timed steps, no waiting")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/results.md")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def start_run(parser: argparse.ArgumentParser, args: argparse.Namespace, module: str, argv: list[str] | None
+              ) -> tuple[dict[str, int], dict]:
+    """Settle ``--quick`` and ``--steps``, quiet the libraries, refuse a busy machine (unless ``--allow-busy``);
+    the meta-steps of each problem and the run's record (command line, load, machine, date, budget)."""
     if args.quick:
         args.steps = args.steps or [5] * len(args.problems)
         args.test_tasks, args.rounds, args.timing_steps, args.max_wait = min(args.test_tasks, 20), 2, 2, 0.0
-    defaults = {"sine": 2000, "omniglot": 1000}
-    steps_of = dict(zip(args.problems, args.steps or [defaults[p] for p in args.problems]))
-    if len(steps_of) != len(args.problems) or (args.steps and len(args.steps) != len(args.problems)):
+    if args.steps and len(args.steps) != len(args.problems):
         parser.error(f"--steps needs one value per problem {args.problems}; got {args.steps}")
+    steps_of = dict(zip(args.problems, args.steps or [DEFAULT_STEPS[p] for p in args.problems]))
     quiet()
-    command = "python -m benchmarks.compare_methods " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if os.environ.get("OMP_NUM_THREADS"):
         command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " + command
     load = os.getloadavg()
-    load_text = " ".join(f"{x:.2f}" for x in load) + f" (1, 5, 15 min) on {os.cpu_count()} CPUs"
-    print(f"load average: {load_text}", flush=True)
+    print(f"load average: {load_average()}", flush=True)
     if load[0] > args.max_load:
         message = (f"the machine is busy (1-minute load {load[0]:.2f} > --max-load {args.max_load}): timings and training "
                    "seconds would measure the other work too")
         if not args.allow_busy:
             parser.error(message + "; wait for a quiet machine or pass --allow-busy")
         print("WARNING: " + message + " (--allow-busy)", flush=True)
+    meta = dict(command=command, seed=args.seed, test_tasks=args.test_tasks, rounds=args.rounds,
+                timing_steps=args.timing_steps, busy_threshold=args.busy_threshold, load=load_average(),
+                machine=machine(), date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+                budget="; ".join(f"{p} {steps_of[p]} meta-steps" for p in args.problems))
+    return steps_of, meta
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" (1, 5, 15 min) on {os.cpu_count()} CPUs"
+
+
+@contextlib.contextmanager
+def omniglot_root(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[str]:
+    """The Omniglot folder of ``--zip``, unpacked into a temporary folder for the run ("" without Omniglot)."""
+    with tempfile.TemporaryDirectory(prefix="omniglot_") as tmp:
+        if "omniglot" not in args.problems:
+            yield ""
+            return
+        if not args.zip.is_file():
+            parser.error(f"--zip: no file at {args.zip}; pass the Omniglot zip")
+        with zipfile.ZipFile(args.zip) as archive:
+            archive.extractall(tmp)
+        yield str(Path(tmp) / args.zip.stem)
+
+
+class SectionWriter:
+    """Writes the benchmark's section of docs/results.md after every finished row (unless ``--no-write``): the rows
+    so far with the timing's s/step (``with_timing`` by ``key``), and the run's record."""
+
+    def __init__(self, name: str, timing: dict, meta: dict, key: str, section: Callable, write: bool) -> None:
+        self.name, self.timing, self.meta, self.key, self.section, self.write_file = name, timing, meta, key, section, write
+        self.done: list[dict] = []
+
+    def rows(self, records: list[dict] = ()) -> list[dict]:
+        """The rows kept so far and ``records``, with their timed s/step."""
+        return with_timing([*self.done, *records], self.timing, self.key)
+
+    def __call__(self, records: list[dict]) -> None:
+        rows_so_far = self.rows(records)
+        if self.write_file and rows_so_far:
+            write_results(self.name, [{k: v for k, v in r.items() if k != "summary"} for r in rows_so_far]
+                          + [{"timing": self.timing, **self.meta}], self.section(rows_so_far, self.timing, self.meta))
+
+    def add(self, records: list[dict]) -> None:
+        """Keep the rows that ran (a row that failed says so in the log and stays out of the table)."""
+        self.done += [r for r in records if "error" not in r]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser, turns_of="method", jobs_help="accuracy rows at once (peak memory is cleanest with 1)",
+                      busy_threshold=0.25, busy_help="timing: CPUs other processes may keep busy for a step to count "
+                      "as run alone", max_wait=20.0, max_load=0.5)
+    parser.add_argument("--methods", nargs="+", default=None, help="only these rows (names of METHODS)")
+    parser.add_argument("--no-inner5", action="store_true", help="no equal-inner-steps rows")
+    args = parser.parse_args(argv)
+    steps_of, meta = start_run(parser, args, "benchmarks.compare_methods", argv)
     for problem in args.problems:
         for name, method in METHODS[problem].items():
             _, skipped = _accepted(SineDataModule if problem == "sine" else OmniglotDataModule, method.data)
@@ -469,20 +531,8 @@ def main(argv: list[str] | None = None) -> None:
                       + ", ".join(f"{k}={v}" for k, v in {**skipped, **skipped_options}.items()), flush=True)
     names_of = {p: [n for n, m in METHODS[p].items() if (args.methods is None or n in args.methods)
                     and not (args.no_inner5 and m.group == "inner5")] for p in args.problems}
-    meta = dict(command=command, seed=args.seed, test_tasks=args.test_tasks, rounds=args.rounds,
-                timing_steps=args.timing_steps, busy_threshold=args.busy_threshold, load=load_text, machine=machine(),
-                date=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                budget="; ".join(f"{p} {steps_of[p]} meta-steps" for p in args.problems))
     saved_env = _spawn_env()
-    with tempfile.TemporaryDirectory(prefix="omniglot_") as tmp:
-        root = ""
-        if "omniglot" in args.problems:
-            if not args.zip.is_file():
-                parser.error(f"--zip: no file at {args.zip}; pass the Omniglot zip")
-            with zipfile.ZipFile(args.zip) as archive:
-                archive.extractall(tmp)
-            root = str(Path(tmp) / args.zip.stem)
-
+    with omniglot_root(parser, args) as root:
         # 1. Timing by turns, while the machine is (as) quiet (as it gets).
         print(f"\n== timing: {args.rounds} rounds of {args.timing_steps} meta-steps per method, methods taking turns",
               flush=True)
@@ -490,23 +540,14 @@ def main(argv: list[str] | None = None) -> None:
                             root=root, busy_threshold=args.busy_threshold, max_wait=args.max_wait, label=f"timing {p}")
                        for p in args.problems]
         timing = time_problems(timing_rows)
-        done: list[dict] = []
-
-        def finish(records: list[dict]) -> list[dict]:
-            return with_timing(records, timing, "method")
-
-        def write(records: list[dict]) -> None:
-            rows_so_far = finish(done + records)
-            if not args.no_write and rows_so_far:
-                write_results("compare_methods", [{k: v for k, v in r.items() if k != "summary"} for r in rows_so_far]
-                              + [{"timing": timing, **meta}], section(rows_so_far, timing, meta))
+        write = SectionWriter("compare_methods", timing, meta, "method", section, not args.no_write)
 
         # 2. Equal meta-steps.
         print("\n== equal meta-steps", flush=True)
         rows = [dict(problem=p, method=name, steps=steps_of[p], budget=f"{steps_of[p]} meta-steps", **{"pass": "steps"},
                      seed=args.seed, root=root, test_tasks=args.test_tasks, label=f"{p} {name}, {steps_of[p]} meta-steps")
                 for p in args.problems for name in names_of[p]]
-        done += [r for r in run_rows(rows, run, args.jobs, on_record=write, fresh_processes=True) if "error" not in r]
+        write.add(run_rows(rows, run, args.jobs, on_record=write, fresh_processes=True))
 
         # 3. Equal wall time: the reference's steps × its timed s/step, in each method's own timed steps.
         if not args.no_equal_time:
@@ -523,11 +564,9 @@ def main(argv: list[str] | None = None) -> None:
                                            test_tasks=args.test_tasks, budget=f"{budget:.0f} s (Meta-SGD's)",
                                            label=f"{p} {name}, {steps} meta-steps (≈ {budget:.0f} s)"))
             print("\n== equal wall time", flush=True)
-            done += [r for r in run_rows(equal_time, run, args.jobs, on_record=write, fresh_processes=True)
-                     if "error" not in r]
+            write.add(run_rows(equal_time, run, args.jobs, on_record=write, fresh_processes=True))
     _restore_env(saved_env)
-    finish(done)
-    text = section(done, timing, meta)
+    text = section(write.rows(), timing, meta)
     print("\n" + (text if args.no_write else "\n\n".join(text.split("\n\n")[3:])))
 
 
