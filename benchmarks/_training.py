@@ -39,8 +39,10 @@ def quiet() -> None:
 
 
 def fit_and_test(module: L.LightningModule, data: L.LightningDataModule, steps: int,
-                 eval_steps: Sequence[int], max_time: float | None = None, validate: bool = False) -> dict:
-    """Train ``module`` for ``steps`` meta-steps (or ``max_time`` seconds), then test at each of ``eval_steps``.
+                 eval_steps: Sequence[int], max_time: float | None = None, validate: bool = False,
+                 trainer_args: dict | None = None) -> dict:
+    """Train ``module`` for ``steps`` meta-steps (or ``max_time`` seconds), then test at each of ``eval_steps``;
+    every Trainer takes ``TRAINER_ARGS`` with ``trainer_args`` over them (e.g. ``{"precision": "bf16-mixed"}``).
 
     Returns ``seconds`` (training wall time), ``steps_done``, ``peak_memory_mib`` (the process's
     peak resident memory above what it held before training: meaningful in a fresh process), with ``validate`` the validation score
@@ -48,33 +50,34 @@ def fit_and_test(module: L.LightningModule, data: L.LightningDataModule, steps: 
     score) and, per number of evaluation steps, ``{"mean", "ci95", "values"}`` of the module's last
     metric (MSE or accuracy) on the test tasks; or ``diverged`` with the error message.
     """
+    args = {**TRAINER_ARGS, **(trainer_args or {})}
     record: dict = {}
     rss_before = _rss_kib()
     start = time.perf_counter()
     trainer = L.Trainer(max_steps=steps, limit_val_batches=0, max_time=None if max_time is None else {"seconds": max_time},
-                        **TRAINER_ARGS)
+                        **args)
     try:
         trainer.fit(module, data)
     except InnerLoopDivergedError as error:
         record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step,
-                      diverged=_first_sentence(error))
+                      diverged=first_sentence(error))
         return record
     record.update(seconds=round(time.perf_counter() - start, 1), steps_done=trainer.global_step,
                   peak_memory_mib=round(max(0, _peak_rss_kib() - rss_before) / 1024, 1))
     metric = module.metric_names[-1]  # "mse" or "acc"
     if validate:
         try:
-            scores = L.Trainer(**TRAINER_ARGS).validate(module, data, verbose=False)[0]
+            scores = L.Trainer(**args).validate(module, data, verbose=False)[0]
             record["val"] = {"mean": scores[f"val/{metric}"], "ci95": scores[f"val/{metric}_ci95"]}
         except InnerLoopDivergedError as error:
-            record["val"] = {"diverged": _first_sentence(error)}
+            record["val"] = {"diverged": first_sentence(error)}
     record["eval"] = {}
     for n in eval_steps:
         module.eval_inner_steps = n
         try:
-            L.Trainer(**TRAINER_ARGS).test(module, data, verbose=False)
+            L.Trainer(**args).test(module, data, verbose=False)
         except InnerLoopDivergedError as error:
-            record["eval"][n] = {"diverged": _first_sentence(error)}
+            record["eval"][n] = {"diverged": first_sentence(error)}
             continue
         result = module.test_results[metric]
         record["eval"][n] = {"mean": float(result["mean"]), "ci95": float(result["ci95"]),
@@ -93,7 +96,7 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _first_sentence(error: Exception) -> str:
+def first_sentence(error: Exception) -> str:
     """``InnerLoopDivergedError``'s where and what (e.g. "training (global step 292): the support loss ..."), without the advice."""
     return str(error).split(". The inner loop diverged")[0]
 

@@ -33,16 +33,13 @@ Writes docs/results.md (section ``bf16_learning``) and benchmarks/results/bf16_l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
-from collections.abc import Iterator
 
 import lightning as L
 import torch
 
-from benchmarks import _training
-from benchmarks._training import fit_and_test, quiet, run_rows
+from benchmarks._training import TRAINER_ARGS, first_sentence, fit_and_test, quiet, run_rows
 from benchmarks.compare_methods import (
     SectionWriter,
     _restore_env,
@@ -81,18 +78,6 @@ def paired_difference(values: list[float], reference: list[float]) -> dict[str, 
     return {"mean": float(d.mean()), "ci95": ci}
 
 
-@contextlib.contextmanager
-def _precision(precision: str) -> Iterator[None]:
-    """``fit_and_test``'s Trainers under ``precision`` (its ``TRAINER_ARGS``, in this worker process only)."""
-    saved = dict(_training.TRAINER_ARGS)
-    _training.TRAINER_ARGS["precision"] = precision
-    try:
-        yield
-    finally:
-        _training.TRAINER_ARGS.clear()
-        _training.TRAINER_ARGS.update(saved)
-
-
 def _scores(module: L.LightningModule, scale: float) -> dict:
     result = module.test_results[module.metric_names[-1]]
     return {"score": scale * float(result["mean"]), "ci95": scale * float(result["ci95"]),
@@ -107,8 +92,7 @@ def run(row: dict) -> dict:
     module, _ = build_module(problem, METHOD)
     theta, alpha = meta_parameters(module)
     data, info = build_data(problem, METHOD, row["steps"], row["seed"], row["root"], row["test_tasks"])
-    with _precision(precision):
-        result = fit_and_test(module, data, row["steps"], [module.eval_inner_steps])
+    result = fit_and_test(module, data, row["steps"], [module.eval_inner_steps], trainer_args={"precision": precision})
     record = {k: v for k, v in row.items() if k not in ("root", "label")}
     record.update(theta=theta, alpha=alpha, seconds=result["seconds"], steps_done=result["steps_done"],
                   peak_memory_mib=result.get("peak_memory_mib"), eval_inner_steps=module.eval_inner_steps,
@@ -127,10 +111,10 @@ def run(row: dict) -> dict:
                           values=[scale * v for v in scores["values"]])
         if precision != "32-true":  # what it learned, tested without bf16
             try:
-                L.Trainer(**_training.TRAINER_ARGS).test(module, data, verbose=False)
+                L.Trainer(**TRAINER_ARGS).test(module, data, verbose=False)
                 record["fp32_test"] = _scores(module, scale)
             except InnerLoopDivergedError as error:
-                record["fp32_test"] = {"diverged": _training._first_sentence(error)}
+                record["fp32_test"] = {"diverged": first_sentence(error)}
     said = record.get("diverged") or record.get("test_diverged") or (
         f"test {unit} {record['score']:.3f} ± {record['ci95']:.3f}")
     record["summary"] = f"{row['label']}: {said}, {record['steps_done']} steps in {record['seconds']:.0f} s"
