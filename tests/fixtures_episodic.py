@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,19 @@ def omniglot_folder(root: Path, alphabets: int = 3, characters: int = 8, drawing
                 bits = rng.random((size, size)) < 0.2  # sparse "strokes"
                 Image.fromarray(~bits).convert("1").save(folder / f"{start + a:02d}{c:02d}_{d + 1:02d}.png")
     return root
+
+
+def support_and_queries(root: Path, folder: Path, classes: int = 3, queries: int = 2) -> tuple[Path, Path]:
+    """From an :func:`omniglot_folder` ``root``: ``folder/support/<character>/`` with the first drawing of each of
+    ``classes`` characters of ``Alphabet_0``, and ``folder/queries/`` with the next ``queries`` drawings of each."""
+    for character in sorted(root.glob("Alphabet_0/character0*"))[:classes]:
+        drawings = sorted(character.glob("*.png"))
+        (folder / "support" / character.name).mkdir(parents=True)
+        shutil.copy(drawings[0], folder / "support" / character.name / drawings[0].name)
+        (folder / "queries").mkdir(exist_ok=True)
+        for drawing in drawings[1:1 + queries]:
+            shutil.copy(drawing, folder / "queries" / drawing.name)
+    return folder / "support", folder / "queries"
 
 
 def image_folder(root: Path, classes: int = 12, per_class: int = 4, size: int = 8, channels: int = 3,

@@ -79,17 +79,9 @@ def test_plots_name_a_count_or_index_out_of_range_before_reading_the_checkpoint(
 
 @pytest.fixture
 def folders(omniglot, tmp_path):
-    """support/<3 characters>/one drawing each, and queries/ with another drawing of each."""
+    """support/<3 characters>/one drawing each, and queries/ with two more drawings of each."""
     _, root = omniglot
-    characters = sorted(root.glob("Alphabet_0/character0*"))[:3]
-    for character in characters:
-        drawings = sorted(character.glob("*.png"))
-        (tmp_path / "support" / character.name).mkdir(parents=True)
-        shutil.copy(drawings[0], tmp_path / "support" / character.name / drawings[0].name)
-        (tmp_path / "queries").mkdir(exist_ok=True)
-        for drawing in drawings[1:3]:
-            shutil.copy(drawing, tmp_path / "queries" / drawing.name)
-    return tmp_path / "support", tmp_path / "queries"
+    return fx.support_and_queries(root, tmp_path)
 
 
 def test_adapt_gives_the_python_apis_predictions(omniglot, folders, tmp_path):

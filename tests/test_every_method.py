@@ -9,7 +9,6 @@ a subprocess per call; one subprocess checks the one line ``plot-lrs`` prints fo
 
 from __future__ import annotations
 
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -121,15 +120,7 @@ def image(tmp_path_factory):
 def folders(image, tmp_path_factory):
     """support/<3 characters>/one drawing each, and queries/ with two more drawings of each."""
     _, root = image
-    folder = tmp_path_factory.mktemp("folders")
-    for character in sorted(root.glob("Alphabet_0/character0*"))[:3]:
-        drawings = sorted(character.glob("*.png"))
-        (folder / "support" / character.name).mkdir(parents=True)
-        shutil.copy(drawings[0], folder / "support" / character.name / drawings[0].name)
-        (folder / "queries").mkdir(exist_ok=True)
-        for drawing in drawings[1:3]:
-            shutil.copy(drawing, folder / "queries" / drawing.name)
-    return folder / "support", folder / "queries"
+    return fx.support_and_queries(root, tmp_path_factory.mktemp("folders"))
 
 
 # -- loading ----------------------------------------------------------------------------------------
