@@ -47,6 +47,7 @@ from benchmarks.compare_methods import (
     add_run_arguments,
     build_data,
     build_module,
+    cost_cells,
     load_average,
     meta_parameters,
     omniglot_root,
@@ -156,10 +157,7 @@ def table(records: list[dict], reference: dict[str, dict]) -> str:
         is_ref = r["precision"] == "32-true"
         delta = "–" if is_ref else _delta_text(problem, r.get("values"), ref.get("values"))
         delta32 = "–" if is_ref else _delta_text(problem, (fp32 or {}).get("values"), ref.get("values"))
-        timed = r.get("timed_seconds_per_step")
-        per_step = f"{timed:.3f}" if timed else f"({r['fit_seconds_per_step']:.3f} in training)"
-        rate = f"{r['tasks_per_step'] / timed:.1f}" if timed else "–"
-        memory = f"+{r['peak_memory_mib']:.0f} MiB" if r.get("peak_memory_mib") is not None else "–"
+        per_step, rate, memory = cost_cells(r)
         lines.append(f"| {problem} | {r['budget']} | {r['precision']} | {_score_text(problem, _own_test(r))} | {delta} "
                      f"| {_score_text(problem, fp32)} | {delta32} | {r['steps_done']} | {r['seconds']:.0f} "
                      f"| {per_step} | {rate} | {memory} |")

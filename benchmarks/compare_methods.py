@@ -344,14 +344,20 @@ def table(records: list[dict]) -> str:
             score = f"MSE {r['score']:.3f} ± {r['ci95']:.3f}"
         else:
             score = f"{r['score']:.2f}% ± {r['ci95']:.2f}%"
-        timed = r.get("timed_seconds_per_step")
-        per_step = f"{timed:.3f}" if timed else f"({r['fit_seconds_per_step']:.3f} in training)"
-        rate = f"{r['tasks_per_step'] / timed:.1f}" if timed else "–"
-        memory = f"+{r['peak_memory_mib']:.0f} MiB" if r.get("peak_memory_mib") is not None else "–"
+        per_step, rate, memory = cost_cells(r)
         lines.append(f"| {r['problem']} | {r['budget']} | {r['method']} | {r['stream']} | {learned} "
                      f"| {r['inner_loop']}; {r['order']} | {score} | {r['steps_done']} | {r['seconds']:.0f} | {per_step} "
                      f"| {rate} | {memory} |")
     return "\n".join(lines)
+
+
+def cost_cells(record: dict) -> tuple[str, str, str]:
+    """A row's s / meta-step (timed by turns, else its training's), tasks / s and peak memory cells."""
+    timed = record.get("timed_seconds_per_step")
+    per_step = f"{timed:.3f}" if timed else f"({record['fit_seconds_per_step']:.3f} in training)"
+    rate = f"{record['tasks_per_step'] / timed:.1f}" if timed else "–"
+    memory = f"+{record['peak_memory_mib']:.0f} MiB" if record.get("peak_memory_mib") is not None else "–"
+    return per_step, rate, memory
 
 
 def machine() -> str:
