@@ -193,6 +193,16 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, check: bool = True, fre
     return proc
 
 
+def fit_tiny_omniglot(root: Path, cwd: Path, *extra: str) -> None:
+    """``metasgd fit`` in this process: 2 meta-steps of 3-way 1-shot tasks from the Omniglot-layout folder ``root``
+    (``fixtures_episodic.omniglot_folder``), 2 tasks per meta-step, no DataLoader workers; ``extra`` sets the rest
+    (the model's size, where the checkpoints go)."""
+    run_in_process("fit", "--config", str(REPO / "configs/omniglot_5way_1shot.yaml"), "--data.root", str(root),
+                   "--data.layout", "folder", "--data.fractions", "[0.5, 0.25, 0.25]", "--data.ways", "3",
+                   "--data.download", "false", "--data.meta_batch_size", "2", "--data.num_workers", "0",
+                   "--trainer.max_steps", "2", "--trainer.enable_model_summary", "false", *extra, cwd=cwd)
+
+
 def run_in_process(*args: str, cwd: Path, check: bool = True, program: str = "metasgd") -> subprocess.CompletedProcess:
     """``metasgd ARGS`` through its entry point in this process, as :func:`run_cli` runs it in a new one but without
     the seconds of an interpreter's start-up: for tests of what a command does and says, not of the process itself.

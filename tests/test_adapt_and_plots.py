@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import fixtures_episodic as fx
-from conftest import REPO, run_cli, run_in_process
+from conftest import REPO, fit_tiny_omniglot, run_cli, run_in_process
 from metasgd_lightning.commands.inference import (
     adapt_to_folder,
     checkpoint_transform,
@@ -34,12 +34,8 @@ def omniglot(tmp_path_factory):
     """A 3-way 1-shot checkpoint trained 2 steps on a small Omniglot-layout folder, and that folder."""
     tmp_path = tmp_path_factory.mktemp("omniglot")
     root = fx.omniglot_folder(tmp_path / "omni", alphabets=2, characters=8)
-    run_in_process("fit", "--config", str(REPO / "configs/omniglot_5way_1shot.yaml"), "--data.root", str(root),
-                   "--data.layout", "folder", "--data.fractions", "[0.5, 0.25, 0.25]", "--data.ways", "3",
-                   "--data.download", "false", "--data.queries", "1", "--data.meta_batch_size", "2",
-                   "--data.val_tasks", "4", "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "8",
-                   "--trainer.max_steps", "2", "--trainer.enable_model_summary", "false",
-                   "--trainer.default_root_dir", str(tmp_path / "run"), cwd=tmp_path)
+    fit_tiny_omniglot(root, tmp_path, "--data.queries", "1", "--data.val_tasks", "4",
+                      "--model.model.init_args.hidden_channels", "8", "--trainer.default_root_dir", str(tmp_path / "run"))
     return tmp_path / "run" / "checkpoints" / "last.ckpt", root
 
 

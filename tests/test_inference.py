@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import fixtures_episodic as fx
-from conftest import REPO, run_in_process
+from conftest import REPO, fit_tiny_omniglot, run_in_process
 from datamodules import OmniglotDataModule
 from datamodules.images import ImageReadError
 from datamodules.preprocessing import ImageTransform
@@ -128,12 +128,8 @@ def cli_checkpoint(tmp_path_factory):
     """A 3-way Omniglot checkpoint written by `metasgd fit` (2 meta-steps of a tiny ConvNet4), in this process."""
     tmp_path = tmp_path_factory.mktemp("omniglot_fit")
     root = fx.omniglot_folder(tmp_path / "omniglot")
-    run_in_process("fit", "--config", str(REPO / "configs/omniglot_5way_1shot.yaml"), "--data.root", str(root),
-                   "--data.layout", "folder", "--data.download", "false", "--data.ways", "3",
-                   "--data.fractions", "[0.5, 0.25, 0.25]", "--data.meta_batch_size", "2", "--data.val_tasks", "2",
-                   "--data.num_workers", "0", "--model.model.init_args.hidden_channels", "4", "--trainer.max_steps", "2",
-                   "--trainer.logger", "false", "--trainer.enable_model_summary", "false",
-                   "--checkpoint.dirpath", str(tmp_path / "ckpt"), cwd=tmp_path)
+    fit_tiny_omniglot(root, tmp_path, "--data.val_tasks", "2", "--model.model.init_args.hidden_channels", "4",
+                      "--trainer.logger", "false", "--checkpoint.dirpath", str(tmp_path / "ckpt"))
     return tmp_path / "ckpt" / "last.ckpt"
 
 
